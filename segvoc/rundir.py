@@ -1,0 +1,26 @@
+"""Where a run writes: resuming from ``<run>/checkpoints/last.ckpt`` continues in ``<run>``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+
+def resume_run_dir(ckpt_path: str | None, default: str) -> str:
+    """Return the run directory of ``ckpt_path`` when it lies in ``<run>/checkpoints/``, else ``default``.
+
+    Continuing in the same directory keeps one TensorBoard stream per run and lets the checkpoint callback restore
+    its best score (Lightning restores it only when the checkpoint folder is unchanged).
+    """
+    if ckpt_path:
+        path = Path(str(ckpt_path))
+        if path.parent.name == "checkpoints":
+            return str(path.parent.parent)
+    return default
+
+
+def register_resolvers() -> None:
+    """Make ``${resume_run_dir:...}`` available to configs (idempotent)."""
+    if not OmegaConf.has_resolver("resume_run_dir"):
+        OmegaConf.register_new_resolver("resume_run_dir", resume_run_dir)

@@ -1,0 +1,121 @@
+"""VOC dataset, transforms and data module on generated VOC-layout data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segvoc.data.datamodule import VOCDataModule, pad_collate
+from segvoc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform, val_transform
+from segvoc.data.voc import VOCSegmentation, read_mask
+from segvoc.errors import SegvocError
+
+COLOURS = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200], [220, 220, 40]], dtype=np.uint8)
+
+
+def blocky_pair(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """An image whose colour encodes its class: mask = class of an 8x8-cell grid, image = COLOURS[mask]."""
+    cells = rng.integers(0, len(COLOURS), size=(height // 8 + 1, width // 8 + 1))
+    mask = np.kron(cells, np.ones((8, 8), dtype=np.int64))[:height, :width].astype(np.uint8)
+    return COLOURS[mask], mask
+
+
+def denormalise(image: torch.Tensor) -> np.ndarray:
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    return ((image * std + mean) * 255).permute(1, 2, 0).numpy()
+
+
+def test_train_transform_keeps_image_and_mask_aligned() -> None:
+    rng = np.random.default_rng(0)
+    transform = train_transform(crop_size=64)
+    for _ in range(20):
+        image, mask = blocky_pair(rng, 75, 100)
+        out = transform(image=image, mask=mask)
+        img, msk = denormalise(out["image"]), out["mask"].numpy()
+        assert img.shape == (64, 64, 3) and msk.shape == (64, 64) and msk.dtype == np.uint8
+        # interior pixels (same label in a 5x5 window) must carry their class's colour
+        for cls, colour in enumerate(COLOURS):
+            same = msk == cls
+            interior = same.copy()
+            for dy in range(-2, 3):
+                for dx in range(-2, 3):
+                    interior &= np.roll(np.roll(same, dy, 0), dx, 1)
+            interior[:2], interior[-2:], interior[:, :2], interior[:, -2:] = False, False, False, False
+            if interior.any():
+                assert np.abs(img[interior] - colour).max() < 3.0, f"class {cls} misaligned"
+
+
+def test_padding_fills_the_mask_with_255_and_the_image_with_0() -> None:
+    rng = np.random.default_rng(1)
+    transform = train_transform(crop_size=96, scale_range=(1.0, 1.0))
+    image, mask = blocky_pair(rng, 40, 50)
+    out = transform(image=image, mask=mask)
+    img, msk = denormalise(out["image"]), out["mask"].numpy()
+    padded = msk == 255
+    assert padded.sum() == 96 * 96 - 40 * 50
+    assert np.abs(img[padded]).max() < 1e-3
+    assert (img[~padded].max(axis=1) > 20).all()
+
+
+def test_val_transform_keeps_full_size_or_centre_crops() -> None:
+    image, mask = blocky_pair(np.random.default_rng(2), 75, 100)
+    assert val_transform()(image=image, mask=mask)["image"].shape == (3, 75, 100)
+    out = val_transform(crop_size=96)(image=image, mask=mask)
+    assert out["image"].shape == (3, 96, 96) and (out["mask"].numpy() == 255).sum() == 96 * 96 - 75 * 96
+
+
+def test_dataset_reads_palette_masks_as_indices(voc_root: Path) -> None:
+    voc = voc_root / "VOCdevkit" / "VOC2012"
+    dataset = VOCSegmentation(voc, "val", val_transform())
+    assert len(dataset) == 4
+    image, mask = dataset[0]
+    _, mask_path = dataset.paths(0)
+    raw = np.array(Image.open(mask_path))
+    assert Image.open(mask_path).mode == "P"
+    assert image.dtype == torch.float32 and image.shape[1:] == mask.shape
+    assert mask.dtype == torch.int64
+    assert torch.equal(mask, torch.from_numpy(raw).long())
+    assert set(np.unique(raw)) <= set(range(21)) | {255} and 255 in raw
+
+
+def test_rgb_mask_is_refused_with_the_file_name(tmp_path: Path) -> None:
+    path = tmp_path / "rgb.png"
+    Image.new("RGB", (4, 4), (128, 0, 0)).save(path)
+    with pytest.raises(SegvocError, match="rgb.png"):
+        read_mask(path)
+
+
+def test_missing_split_names_the_file(voc_root: Path) -> None:
+    with pytest.raises(SegvocError, match="trainaug.txt"):
+        VOCSegmentation(voc_root / "VOCdevkit" / "VOC2012", "trainaug")
+
+
+def test_pad_collate_pads_masks_with_ignore() -> None:
+    a = (torch.ones(3, 4, 5), torch.zeros(4, 5, dtype=torch.long))
+    b = (torch.ones(3, 6, 3), torch.ones(6, 3, dtype=torch.long))
+    images, masks = pad_collate([a, b])
+    assert images.shape == (2, 3, 6, 5) and masks.shape == (2, 6, 5)
+    assert (masks[0, 4:] == 255).all() and (masks[1, :, 3:] == 255).all() and images[1, :, :, 3:].sum() == 0
+
+
+def test_datamodule_loaders(voc_root: Path) -> None:
+    dm = VOCDataModule(root=voc_root, batch_size=4, val_batch_size=2, crop_size=64, num_workers=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    images, masks = next(iter(dm.train_dataloader()))
+    assert images.shape == (4, 3, 64, 64) and masks.shape == (4, 64, 64) and masks.dtype == torch.int64
+    images, masks = next(iter(dm.val_dataloader()))
+    assert images.shape[0] == 2 and images.shape[-2:] == masks.shape[-2:]
+
+
+def test_real_voc_sample_if_present() -> None:
+    """Not a dependency: only runs where the shared real-VOC sample sits beside the checkout."""
+    voc = Path(__file__).resolve().parents[2] / "shared/data/voc2012-sample/VOCdevkit/VOC2012"
+    if not voc.is_dir():
+        pytest.skip("no real VOC sample here")
+    image, mask = VOCSegmentation(voc, "train", train_transform(513))[0]
+    assert image.shape == (3, 513, 513) and mask.shape == (513, 513)

@@ -1,0 +1,181 @@
+"""The training task end to end: composed configs, real training steps, checkpoints, resume, TensorBoard."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from segvoc.training import train
+from tests.conftest import compose_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_fast_dev_run(make_cfg) -> None:
+    metrics = train(make_cfg("+trainer.fast_dev_run=true"))
+    assert "val/mIoU" in metrics and 0.0 <= metrics["val/mIoU"] <= 1.0
+
+
+def test_training_logs_checkpoints_and_tensorboard(make_cfg) -> None:
+    cfg = make_cfg()
+    metrics = train(cfg)
+    run = Path(cfg.output_dir)
+    assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    logged = scalars(run)
+    for tag in (
+        "train/loss",
+        "lr",
+        "val/loss",
+        "val/mIoU",
+        "val/acc",
+        "val/mean_acc",
+        "val/fw_iou",
+        "val/iou/background",
+    ):
+        assert tag in logged, f"{tag} not in TensorBoard: {sorted(logged)}"
+    assert len(logged["val/mIoU"]) == 2  # every 2 of 4 steps
+    assert metrics["best/val/mIoU"] == pytest.approx(max(logged["val/mIoU"]), abs=1e-6)
+    # poly decay stepped every iteration: lr strictly decreasing from 0.01
+    lrs = logged["lr"]
+    assert lrs[0] == pytest.approx(0.01) and all(lrs[i] > lrs[i + 1] for i in range(len(lrs) - 1))
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert "config/text_summary" in acc.Tags()["tensors"]
+
+
+def test_resume_continues_steps_and_keeps_best_score(make_cfg) -> None:
+    first = make_cfg("trainer.max_steps=4")
+    train(first)
+    run = Path(first.output_dir)
+    last = run / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 4
+    best = next(v for k, v in state["callbacks"].items() if k.startswith("ModelCheckpoint"))["best_model_score"]
+    metrics = train(make_cfg("trainer.max_steps=6", f"ckpt_path={last}"))
+    resumed = torch.load(last, map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == 6
+    assert metrics["best/val/mIoU"] >= float(best)
+    # the scheduler resumed at step 4 of 6, not from the start
+    assert resumed["lr_schedulers"][0]["last_epoch"] == 6
+    # one TensorBoard stream: validation at steps 2, 4 (first run) and 6 (resumed)
+    assert len(scalars(run)["val/mIoU"]) == 3
+
+
+def test_resume_continues_in_the_checkpoint_run_directory() -> None:
+    cfg = compose_config(
+        ["ckpt_path=outputs/train/2026-01-01_00-00-00/checkpoints/last.ckpt", "output_dir=x"],
+        return_hydra_config=True,
+    )
+    assert cfg.hydra.run.dir == "outputs/train/2026-01-01_00-00-00"
+    cfg = compose_config(["ckpt_path=/somewhere/model.ckpt", "output_dir=x"], return_hydra_config=True)
+    assert cfg.hydra.run.dir.startswith("outputs/train/")
+
+
+def test_backbone_lr_multiplier_and_adamw(make_cfg) -> None:
+    import hydra
+
+    cfg = make_cfg("optimizer=adamw", "model.backbone_lr_mult=0.1", "scheduler=step")
+    model = hydra.utils.instantiate(cfg.model)
+    optimizer = model.configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3, 1e-4])
+    n_backbone = sum(p.numel() for p in optimizer.param_groups[1]["params"])
+    assert n_backbone == sum(p.numel() for p in model.net.backbone.parameters())
+
+
+@pytest.mark.parametrize("arch", ["deeplabv3plus", "deeplabv3"])
+def test_each_model_choice_trains(make_cfg, arch: str) -> None:
+    metrics = train(make_cfg(f"model={arch}", "trainer.max_steps=2"))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def test_experiments_compose_as_documented() -> None:
+    seed = compose_config(["experiment=seed_report", "output_dir=x"])
+    assert seed.data.train_split == "train" and seed.data.batch_size == 8 and seed.data.crop_size == 513
+    assert seed.trainer.max_steps == 35000 and seed.trainer.val_check_interval == 100
+    assert seed.optimizer.lr == 0.01 and seed.optimizer.weight_decay == 1e-4
+    assert seed.scheduler._target_.endswith("PolynomialLR") and seed.scheduler.total_iters == 35000
+    assert seed.model.net.output_stride == 16
+    demo = compose_config(["experiment=demo", "output_dir=x"])
+    assert demo.data.demo and not demo.model.net.pretrained
+    OmegaConf.resolve(demo)
+
+
+def test_learning_overfits_a_few_images(voc_root: Path, make_cfg) -> None:
+    cfg = make_cfg(
+        "data.train_split=val",
+        "data.scale_range=[1.0,1.0]",
+        "data.crop_size=128",
+        "optimizer=adamw",
+        "optimizer.lr=3e-3",
+        "scheduler.total_iters=120",
+        "trainer.max_steps=120",
+        "trainer.val_check_interval=60",
+    )
+    metrics = train(cfg)
+    assert metrics["best/val/mIoU"] > 0.9, metrics
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_train(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_train_without_data_or_network_ends_with_a_clear_message(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{_closed_port()}/VOCtrainval_11-May-2012.tar"
+    proc = _run_train([f"data.root={tmp_path / 'data'}", f"data.url={url}"], cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "data.root" in proc.stderr + proc.stdout and "data.tar_path" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_multirun_writes_one_directory_per_job(voc_root: Path, tmp_path: Path) -> None:
+    proc = _run_train(
+        [
+            "-m",
+            "optimizer.lr=0.01,0.005",
+            f"data.root={voc_root}",
+            "data.download=false",
+            "data.num_workers=0",
+            "data.crop_size=64",
+            "data.batch_size=2",
+            "model.net.pretrained=false",
+            "trainer.accelerator=cpu",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "trainer.enable_progress_bar=false",
+        ],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p.parent.parent for p in (tmp_path / "outputs" / "multirun").rglob("checkpoints/last.ckpt"))
+    assert len(jobs) == 2 and jobs[0] != jobs[1]
+    assert all((job / "tensorboard").is_dir() for job in jobs)

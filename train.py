@@ -1,0 +1,27 @@
+"""Train DeepLab on Pascal VOC2012: `python train.py [experiment=demo] [key=value ...]` (see README.md)."""
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from segvoc.errors import SegvocError
+from segvoc.rundir import register_resolvers
+from segvoc.training import train
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except SegvocError as exc:
+        logging.getLogger("segvoc").error("%s", exc)
+        sys.exit(1)
+    return metrics.get("best/val/mIoU")  # what a Hydra sweeper optimises
+
+
+if __name__ == "__main__":
+    main()
