@@ -1,0 +1,125 @@
+"""A small generated dataset in the VOC layout, for offline demos and tests.
+
+Scenes have a sky/ground background with smooth shading and sensor noise, and one to three objects of a few VOC
+classes; each class has its own shape family and colour range, jittered per object. Masks are palette PNGs with a
+255 band along object boundaries, as in VOC's ``SegmentationClass``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from segvoc.palette import IGNORE_INDEX, voc_palette
+
+# class index -> (shape, base RGB colour)
+DEMO_CLASSES: dict[int, tuple[str, tuple[int, int, int]]] = {
+    3: ("triangle", (40, 170, 60)),  # bird
+    7: ("box", (40, 80, 200)),  # car
+    12: ("disc", (210, 170, 40)),  # dog
+    15: ("ellipse", (200, 50, 50)),  # person
+    5: ("bar", (170, 60, 190)),  # bottle
+}
+COMPLETE_MARKER = ".segvoc-demo-complete"
+
+
+def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int, amplitude: float) -> np.ndarray:
+    grid = rng.normal(0.0, amplitude, size=(cells, cells)).astype(np.float32)
+    return cv2.resize(grid, (width, height), interpolation=cv2.INTER_CUBIC)
+
+
+def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    sky, ground = (rng.uniform(90, 200, size=3) for _ in range(2))
+    horizon = int(rng.uniform(0.3, 0.7) * height)
+    t = np.clip((np.arange(height, dtype=np.float32) - horizon) / 6.0, -1, 1)[:, None, None] * 0.5 + 0.5
+    image = (1 - t) * sky + t * ground
+    image = np.broadcast_to(image, (height, width, 3)).copy()
+    image = image * 0.55 + image.mean(axis=2, keepdims=True) * 0.45  # desaturate: objects carry the colour
+    return image + _smooth_noise(rng, height, width, 5, 18.0)[..., None]
+
+
+def _draw_shape(shape: str, canvas: np.ndarray, center: tuple[int, int], size: int, rng: np.random.Generator) -> None:
+    cx, cy = center
+    if shape == "ellipse":
+        cv2.ellipse(canvas, (cx, cy), (int(size * 0.45), size), float(rng.uniform(-15, 15)), 0, 360, 1, -1)
+    elif shape == "disc":
+        cv2.circle(canvas, (cx, cy), int(size * 0.8), 1, -1)
+    elif shape == "box":
+        w, h = int(size * 1.3), int(size * 0.6)
+        cv2.rectangle(canvas, (cx - w, cy - h), (cx + w, cy + h), 1, -1)
+    elif shape == "bar":
+        w, h = int(size * 0.3), int(size * 1.1)
+        cv2.rectangle(canvas, (cx - w, cy - h), (cx + w, cy + h), 1, -1)
+    else:  # triangle
+        pts = np.array([[cx, cy - size], [cx - size, cy + size // 2], [cx + size, cy + size // 2]], np.int32)
+        cv2.fillPoly(canvas, [pts], 1)
+
+
+def make_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return one ``(image RGB uint8, mask uint8)`` pair; the mask holds class indices and a 255 boundary band."""
+    image = _background(rng, height, width)
+    labels = np.zeros((height, width), dtype=np.uint8)
+    classes = list(DEMO_CLASSES)
+    for _ in range(rng.integers(1, 4)):
+        cls = int(rng.choice(classes))
+        shape, colour = DEMO_CLASSES[cls]
+        size = int(rng.uniform(0.12, 0.28) * min(height, width))
+        center = (int(rng.uniform(0.15, 0.85) * width), int(rng.uniform(0.2, 0.8) * height))
+        region = np.zeros((height, width), dtype=np.uint8)
+        _draw_shape(shape, region, center, size, rng)
+        inside = region.astype(bool)
+        shade = _smooth_noise(rng, height, width, 3, 20.0)[..., None]
+        tint = np.asarray(colour, np.float32) + rng.normal(0, 14, size=3)
+        image[inside] = (tint + shade)[inside]
+        labels[inside] = cls
+    image += rng.normal(0, 6.0, size=image.shape)
+    edges = cv2.dilate(labels, np.ones((3, 3), np.uint8)) != cv2.erode(labels, np.ones((3, 3), np.uint8))
+    labels[edges] = IGNORE_INDEX
+    return np.clip(image, 0, 255).astype(np.uint8), labels
+
+
+def make_demo_voc(root: str | Path, n_train: int = 64, n_val: int = 16, seed: int = 0) -> Path:
+    """Generate the demo dataset under ``root/VOCdevkit/VOC2012`` once and return that folder.
+
+    Generation is atomic (written to a temporary folder, then renamed); an existing complete tree is reused.
+    Image sizes vary between 120x160 and 180x240, like VOC's varied aspect ratios at a smaller scale.
+    """
+    root = Path(root)
+    voc = root / "VOCdevkit" / "VOC2012"
+    if (voc / COMPLETE_MARKER).is_file():
+        return voc
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    palette = voc_palette().flatten().tolist()
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root))
+    try:
+        for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+            (tmp / sub).mkdir(parents=True)
+        splits = {"train": n_train, "val": n_val}
+        index = 0
+        for split, count in splits.items():
+            ids = []
+            for _ in range(count):
+                name = f"demo_{index:05d}"
+                index += 1
+                height, width = int(rng.integers(120, 181)), int(rng.integers(160, 241))
+                image, mask = make_scene(rng, height, width)
+                cv2.imwrite(str(tmp / "JPEGImages" / f"{name}.jpg"), image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
+                png = Image.fromarray(mask, mode="P")
+                png.putpalette(palette)
+                png.save(tmp / "SegmentationClass" / f"{name}.png")
+                ids.append(name)
+            (tmp / "ImageSets/Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+        (tmp / COMPLETE_MARKER).write_text(f"seed={seed} train={n_train} val={n_val}\n")
+        if voc.exists():
+            shutil.rmtree(voc)
+        voc.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(voc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return voc
