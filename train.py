@@ -1,4 +1,5 @@
-"""Train DeepLab on Pascal VOC2012: `python train.py [experiment=demo] [key=value ...]` (see README.md)."""
+"""Train DeepLab on Pascal VOC2012 (`python train.py [experiment=demo] [key=value ...]`), or score a checkpoint
+(`python train.py train=false ckpt_path=...`). See README.md."""
 
 import logging
 import sys
@@ -8,7 +9,7 @@ from omegaconf import DictConfig
 
 from segvoc.errors import SegvocError
 from segvoc.rundir import register_resolvers
-from segvoc.training import train
+from segvoc.training import evaluate, train
 
 register_resolvers()
 
@@ -16,6 +17,8 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
+        if not cfg.train:
+            return evaluate(cfg)["mean_iou"]
         metrics = train(cfg)
     except SegvocError as exc:
         logging.getLogger("segvoc").error("%s", exc)

@@ -13,9 +13,9 @@ class SegmentationMetrics(MulticlassJaccardIndex):
 
     ``update(preds, target)`` takes class indices ``(N, H, W)`` or logits ``(N, C, H, W)`` and targets ``(N, H, W)``
     in which ``ignore_index`` pixels are skipped. The matrix lives on the module's device and is summed across
-    processes. ``compute()`` returns a dict of scalars (``acc``, ``mean_acc``, ``fw_iou``, ``mIoU``) plus ``iou``
-    and ``class_acc`` vectors; a class counts towards the means only if it occurs in the ground truth (accuracies,
-    frequency weights) or in the ground truth or prediction (mIoU).
+    processes. ``compute()`` returns a dict of scalars (``acc``, ``mean_acc``, ``fw_iou``, ``mIoU``) plus
+    ``iou``, ``class_acc`` and ``gt_pixels`` vectors; a class counts towards the means only if it occurs in the
+    ground truth (accuracies, frequency weights) or in the ground truth or prediction (mIoU).
     """
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
@@ -41,4 +41,5 @@ class SegmentationMetrics(MulticlassJaccardIndex):
             "mIoU": iou[present].mean() if present.any() else tp.new_tensor(0.0),
             "iou": iou,
             "class_acc": class_acc,
+            "gt_pixels": gt,
         }

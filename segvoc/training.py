@@ -1,15 +1,28 @@
-"""The training task: from a composed config to a fitted model, linear and without side effects elsewhere."""
+"""The training and evaluation tasks: from a composed config to a fitted model or a scored checkpoint."""
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from segvoc.checkpoint import CheckpointError, load_model
+from segvoc.models.module import SegmentationModule
 
 log = logging.getLogger(__name__)
+
+
+def _save_val_dir(cfg: DictConfig) -> str | None:
+    return str(Path(cfg.output_dir) / "val_results") if cfg.get("save_val_results") else None
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -23,7 +36,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
-    model: L.LightningModule = hydra.utils.instantiate(cfg.model)
+    model: L.LightningModule = hydra.utils.instantiate(cfg.model, save_val_dir=_save_val_dir(cfg))
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -41,3 +54,85 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if checkpoint is not None and checkpoint.best_model_score is not None:
         metrics[f"best/{checkpoint.monitor}"] = float(checkpoint.best_model_score)
     return metrics
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Score the checkpoint ``cfg.ckpt_path`` on the validation split without training (``train=false``).
+
+    The network comes from the checkpoint itself (segvoc or seed format); the protocol from the config: whole
+    images (default), ``data.crop_val=true`` (513 centre crop), ``model.inference.scales=[...]`` and
+    ``model.inference.flip=true`` (multi-scale + flip). Prints the four figures and a per-class table, writes them
+    to ``<run>/eval.json`` and returns that report.
+    """
+    if not cfg.ckpt_path:
+        raise CheckpointError("train=false evaluates a checkpoint: give it with ckpt_path=/path/to/model.ckpt.")
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()
+    net, meta = load_model(cfg.ckpt_path)
+    class_names = list(meta["class_names"])
+    if len(class_names) != cfg.data.num_classes:
+        raise CheckpointError(
+            f"{cfg.ckpt_path} predicts {len(class_names)} classes but data.num_classes={cfg.data.num_classes}; "
+            "evaluate it on data with the same classes, or set data.num_classes to match."
+        )
+    model = SegmentationModule(
+        net,
+        num_classes=len(class_names),
+        class_names=class_names,
+        inference=OmegaConf.to_container(cfg.model.inference),
+        num_val_images=cfg.model.num_val_images,
+        save_val_dir=_save_val_dir(cfg),
+    )
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+
+    report = evaluation_report(model.val_scores, class_names)
+    report["checkpoint"] = str(cfg.ckpt_path)
+    report["protocol"] = {
+        "crop_val": bool(cfg.data.crop_val),
+        **OmegaConf.to_container(cfg.model.inference),
+    }
+    path = Path(cfg.output_dir) / "eval.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    print_report(report)
+    log.info("Evaluation written to %s", path)
+    return report
+
+
+def evaluation_report(scores: dict[str, torch.Tensor], class_names: list[str]) -> dict[str, Any]:
+    """The figures of ``SegmentationMetrics.compute()`` as plain JSON-able values, per class by name."""
+
+    def number(value: torch.Tensor) -> float | None:
+        value = float(value)
+        return None if value != value else value  # NaN (class absent) -> null
+
+    return {
+        "overall_acc": number(scores["acc"]),
+        "mean_acc": number(scores["mean_acc"]),
+        "freqw_acc": number(scores["fw_iou"]),
+        "mean_iou": number(scores["mIoU"]),
+        "classes": [
+            {
+                "name": name,
+                "iou": number(scores["iou"][i]),
+                "acc": number(scores["class_acc"][i]),
+                "pixels": int(scores["gt_pixels"][i]),
+            }
+            for i, name in enumerate(class_names)
+        ],
+    }
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """Print the four figures and the per-class table."""
+    console = Console()
+    for label, key in (("Overall Acc", "overall_acc"), ("Mean Acc", "mean_acc"), ("FreqW Acc", "freqw_acc"),
+                       ("Mean IoU", "mean_iou")):  # fmt: skip
+        console.print(f"{label}: {report[key]:.6f}")
+    table = Table("class", "IoU", "accuracy", "pixels")
+    for row in report["classes"]:
+        fmt = [("-" if row[k] is None else f"{row[k]:.4f}") for k in ("iou", "acc")]
+        table.add_row(row["name"], *fmt, f"{row['pixels']:,}")
+    console.print(table)

@@ -97,7 +97,8 @@ def test_missing_split_names_the_file(voc_root: Path) -> None:
 def test_pad_collate_pads_masks_with_ignore() -> None:
     a = (torch.ones(3, 4, 5), torch.zeros(4, 5, dtype=torch.long))
     b = (torch.ones(3, 6, 3), torch.ones(6, 3, dtype=torch.long))
-    images, masks = pad_collate([a, b])
+    images, masks, sizes = pad_collate([a, b])
+    assert sizes == [(4, 5), (6, 3)]
     assert images.shape == (2, 3, 6, 5) and masks.shape == (2, 6, 5)
     assert (masks[0, 4:] == 255).all() and (masks[1, :, 3:] == 255).all() and images[1, :, :, 3:].sum() == 0
 
@@ -108,8 +109,8 @@ def test_datamodule_loaders(voc_root: Path) -> None:
     dm.setup("fit")
     images, masks = next(iter(dm.train_dataloader()))
     assert images.shape == (4, 3, 64, 64) and masks.shape == (4, 64, 64) and masks.dtype == torch.int64
-    images, masks = next(iter(dm.val_dataloader()))
-    assert images.shape[0] == 2 and images.shape[-2:] == masks.shape[-2:]
+    images, masks, sizes = next(iter(dm.val_dataloader()))
+    assert images.shape[0] == 2 and len(sizes) == 2 and images.shape[-2:] == masks.shape[-2:]
 
 
 def test_real_voc_sample_if_present() -> None:

@@ -18,8 +18,13 @@ from segvoc.data.voc import VOCSegmentation
 from segvoc.palette import IGNORE_INDEX
 
 
-def pad_collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack samples of different sizes: images padded with 0 and masks with 255 at the bottom/right."""
+def pad_collate(
+    batch: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    """Stack samples of different sizes: images padded with 0 and masks with 255 at the bottom/right.
+
+    Returns ``(images, masks, sizes)``; ``sizes[i]`` is the ``(height, width)`` of sample ``i`` before padding.
+    """
     height = max(image.shape[-2] for image, _ in batch)
     width = max(image.shape[-1] for image, _ in batch)
 
@@ -28,7 +33,7 @@ def pad_collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[tor
 
     images = torch.stack([pad(image, 0) for image, _ in batch])
     masks = torch.stack([pad(mask, IGNORE_INDEX) for _, mask in batch])
-    return images, masks
+    return images, masks, [tuple(image.shape[-2:]) for image, _ in batch]
 
 
 def default_num_workers() -> int:

@@ -80,13 +80,18 @@ class MobileNetV2Backbone(nn.Module):
     """MobileNetV2 without its classifier, split for DeepLab.
 
     ``forward(x)`` returns ``{"low": (N, 24, H/4, W/4), "high": (N, 320, H/os, W/os)}`` (sizes rounded up).
+    ``stem_padding=0`` reproduces the unpadded first convolution of the seed report's tool.
     """
 
     low_channels = 24
     high_channels = 320
 
     def __init__(
-        self, output_stride: int = 16, pretrained: bool = False, weights_path: str | Path | None = None
+        self,
+        output_stride: int = 16,
+        pretrained: bool = False,
+        weights_path: str | Path | None = None,
+        stem_padding: int = 1,
     ) -> None:
         super().__init__()
         if output_stride not in (8, 16):
@@ -102,6 +107,8 @@ class MobileNetV2Backbone(nn.Module):
                     "they are not torchvision MobileNetV2 ImageNet weights."
                 )
         features = net.features[:_HIGH_LEVEL_END]
+        # The seed report's tool runs the stem conv unpadded (stem_padding=0); its checkpoints need that to match.
+        features[0][0].padding = (stem_padding, stem_padding)
         _apply_output_stride(features, output_stride)
         self.output_stride = output_stride
         self.low_level = nn.Sequential(*features[:_LOW_LEVEL_END])

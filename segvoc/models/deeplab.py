@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -105,12 +106,17 @@ class DeepLabV3PlusHead(nn.Module):
 
 
 class DeepLab(nn.Module):
-    """A backbone and a head; ``forward(images)`` returns logits ``(N, C, H, W)`` at the input's size."""
+    """A backbone and a head; ``forward(images)`` returns logits ``(N, C, H, W)`` at the input's size.
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    ``spec`` holds the plain values that rebuild the network (architecture name, classes, output stride, stem
+    padding); checkpoints store it so that prediction needs nothing but the checkpoint.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, spec: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.spec = dict(spec or {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.head(self.backbone(x))
@@ -122,11 +128,13 @@ def deeplabv3plus_mobilenet(
     output_stride: int = 16,
     pretrained: bool = False,
     weights_path: str | Path | None = None,
+    stem_padding: int = 1,
 ) -> DeepLab:
     """DeepLabV3+ on MobileNetV2 (5,225,717 parameters with 21 classes)."""
-    backbone = MobileNetV2Backbone(output_stride, pretrained, weights_path)
+    backbone = MobileNetV2Backbone(output_stride, pretrained, weights_path, stem_padding)
     head = DeepLabV3PlusHead(backbone.low_channels, backbone.high_channels, num_classes, ASPP_RATES[output_stride])
-    return DeepLab(backbone, head)
+    spec = {"arch": "deeplabv3plus", "num_classes": num_classes, "output_stride": output_stride}
+    return DeepLab(backbone, head, {**spec, "stem_padding": stem_padding})
 
 
 def deeplabv3_mobilenet(
@@ -134,8 +142,10 @@ def deeplabv3_mobilenet(
     output_stride: int = 16,
     pretrained: bool = False,
     weights_path: str | Path | None = None,
+    stem_padding: int = 1,
 ) -> DeepLab:
     """DeepLabV3 (no decoder) on MobileNetV2."""
-    backbone = MobileNetV2Backbone(output_stride, pretrained, weights_path)
+    backbone = MobileNetV2Backbone(output_stride, pretrained, weights_path, stem_padding)
     head = DeepLabV3Head(backbone.high_channels, num_classes, ASPP_RATES[output_stride])
-    return DeepLab(backbone, head)
+    spec = {"arch": "deeplabv3", "num_classes": num_classes, "output_stride": output_stride}
+    return DeepLab(backbone, head, {**spec, "stem_padding": stem_padding})

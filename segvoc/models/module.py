@@ -1,17 +1,24 @@
-"""The LightningModule: loss, optimisation schedule, and the metrics logged to TensorBoard."""
+"""The LightningModule: loss, optimisation schedule, validation through the shared inference routine, logging."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
 from torch import nn
 
+from segvoc.checkpoint import META_KEY, describe
+from segvoc.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from segvoc.inference import crop_to_sizes, infer
 from segvoc.metrics import SegmentationMetrics
 from segvoc.palette import IGNORE_INDEX, VOC_CLASSES
+from segvoc.visualize import confusion_image, denormalize, panel
 
 
 def default_class_names(num_classes: int) -> list[str]:
@@ -23,20 +30,26 @@ class SegmentationModule(L.LightningModule):
     """Trains a segmentation network with pixel-wise cross-entropy (``ignore_index`` pixels skipped).
 
     ``optimizer`` and ``scheduler`` are partials (Hydra ``_partial_: true``) bound to the parameters here: the
-    backbone gets ``lr * backbone_lr_mult``, the head ``lr``; the scheduler is stepped every iteration.
+    backbone gets ``lr * backbone_lr_mult``, the head ``lr``; the scheduler is stepped every iteration. Validation
+    runs ``segvoc.inference.infer`` with the ``inference`` options (``scales``, ``flip``, ``window``, ``overlap``).
     Logged: ``train/loss``, ``train/mIoU``, ``lr``, ``val/loss``, ``val/mIoU``, ``val/acc``, ``val/mean_acc``,
-    ``val/fw_iou`` and ``val/iou/<class>``.
+    ``val/fw_iou``, ``val/iou/<class>``; to TensorBoard also the first ``num_val_images`` validation images as
+    image | ground truth | prediction | overlay, and the confusion matrix. With ``save_val_dir`` every validation
+    image's panel is written there as ``<index>.png``.
     """
 
     def __init__(
         self,
         net: nn.Module,
-        optimizer: Callable[..., torch.optim.Optimizer],
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         num_classes: int = 21,
         class_names: Sequence[str] | None = None,
         ignore_index: int = IGNORE_INDEX,
         backbone_lr_mult: float = 1.0,
+        inference: dict[str, Any] | None = None,
+        num_val_images: int = 4,
+        save_val_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
@@ -48,14 +61,23 @@ class SegmentationModule(L.LightningModule):
             raise ValueError(f"{len(self.class_names)} class names given for num_classes={num_classes}")
         self.ignore_index = ignore_index
         self.backbone_lr_mult = backbone_lr_mult
+        self.inference = dict(inference or {})
+        self.num_val_images = num_val_images
+        self.save_val_dir = Path(save_val_dir) if save_val_dir else None
         self.train_metrics = SegmentationMetrics(num_classes, ignore_index)
         self.val_metrics = SegmentationMetrics(num_classes, ignore_index)
+        self.val_scores: dict[str, torch.Tensor] = {}
+        self._val_panels: list[Any] = []
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
 
     def _loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, masks, ignore_index=self.ignore_index)
+
+    def _normalisation(self) -> tuple[Sequence[float], Sequence[float]]:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return getattr(datamodule, "mean", IMAGENET_MEAN), getattr(datamodule, "std", IMAGENET_STD)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, masks = batch
@@ -70,15 +92,30 @@ class SegmentationModule(L.LightningModule):
         self.log("train/mIoU", self.train_metrics.compute()["mIoU"].float())
         self.train_metrics.reset()
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        images, masks = batch
-        logits = self(images)
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor, list], batch_idx: int) -> None:
+        images, masks, sizes = batch
+        logits = infer(self.net, images, **self.inference)
         self.log("val/loss", self._loss(logits, masks), batch_size=images.shape[0])
-        self.val_metrics.update(logits.argmax(dim=1), masks)
+        preds = logits.argmax(dim=1)
+        self.val_metrics.update(preds, masks)
+        first = batch_idx * images.shape[0]
+        if self.save_val_dir is None and first >= self.num_val_images:
+            return
+        mean, std = self._normalisation()
+        crops = zip(crop_to_sizes(images, sizes), crop_to_sizes(masks, sizes), crop_to_sizes(preds, sizes), strict=True)
+        for offset, (image, mask, pred) in enumerate(crops):
+            picture = panel(denormalize(image, mean, std), mask.cpu().numpy(), pred.cpu().numpy())
+            if first + offset < self.num_val_images:
+                self._val_panels.append(picture)
+            if self.save_val_dir is not None:
+                self.save_val_dir.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(picture).save(self.save_val_dir / f"{first + offset:05d}.png")
 
     def on_validation_epoch_end(self) -> None:
+        confmat = self.val_metrics.confmat.clone()
         scores = self.val_metrics.compute()
         self.val_metrics.reset()
+        self.val_scores = scores
         summary = {f"val/{key}": scores[key].float() for key in ("mIoU", "acc", "mean_acc", "fw_iou")}
         self.log_dict(summary, prog_bar=True)
         per_class = {
@@ -87,8 +124,24 @@ class SegmentationModule(L.LightningModule):
             if not torch.isnan(scores["iou"][i])
         }
         self.log_dict(per_class)
+        panels, self._val_panels = self._val_panels, []
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                step = self.global_step
+                for i, picture in enumerate(panels):
+                    logger.experiment.add_image(f"val/sample_{i}", picture, step, dataformats="HWC")
+                logger.experiment.add_image("val/confusion_matrix", confusion_image(confmat), step, dataformats="HWC")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Make the checkpoint self-describing: network spec, class names, palette and normalisation."""
+        mean, std = self._normalisation()
+        checkpoint[META_KEY] = describe(self.net, self.class_names, mean, std)
 
     def configure_optimizers(self) -> dict[str, Any]:
+        if self.optimizer_factory is None:
+            raise ValueError("SegmentationModule was built without an optimizer; it can validate but not train")
         backbone = getattr(self.net, "backbone", None)
         backbone_params = {id(p) for p in backbone.parameters()} if backbone is not None else set()
         head = [p for p in self.net.parameters() if id(p) not in backbone_params]

@@ -1,0 +1,313 @@
+"""Export a segvoc checkpoint to ONNX or TorchScript, check the file against PyTorch, and run exported models.
+
+``python -m segvoc.export ckpt=<file> [format=onnx|torchscript] [output=<file>] [opset=18] [check_images=<path>]``
+
+Both formats take normalised images ``images`` float32 ``(N, 3, H, W)`` and return ``logits`` ``(N, C, H, W)`` at
+the input size, with batch, height and width free. Both carry the checkpoint's meta (``segvoc.checkpoint.describe``:
+class names, palette, mean, std, network spec) as JSON, so prediction needs nothing but the exported file:
+``OnnxNet(path)`` or ``load_torchscript(path)``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from segvoc.checkpoint import META_KEY, load_model
+from segvoc.errors import SegvocError
+
+log = logging.getLogger(__name__)
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+TORCHSCRIPT_META_FILE = "segvoc.json"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# torch.export specialises dimensions of size 0 or 1, so the example batch must hold at least two images.
+EXAMPLE_SHAPE = (2, 3, 224, 224)
+INSTALL_HINT = 'Install the export dependencies with `pip install -e ".[export]"` (onnx, onnxscript, onnxruntime).'
+
+Net = Callable[[torch.Tensor], torch.Tensor]
+
+
+@contextmanager
+def _quiet_torchscript() -> Iterator[None]:
+    # TorchScript is deprecated in favour of torch.export; the format was chosen explicitly, so each jit call's
+    # deprecation notice would only be noise for the person exporting or predicting.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated.*")
+        yield
+
+
+def export_onnx(net: torch.nn.Module, meta: dict[str, Any], path: str | Path, opset: int = 18) -> Path:
+    """Write ``net`` (in eval mode) to ``path`` as one self-contained ONNX file with dynamic batch, height and width.
+
+    ``meta`` is stored as JSON under the ``segvoc`` key of the model's metadata_props.
+    """
+    try:
+        import onnxscript  # noqa: F401 - torch.onnx's exporter needs it; fail here with the install hint
+    except ImportError as exc:
+        raise SegvocError(f"ONNX export needs the onnxscript package, which is not installed. {INSTALL_HINT}") from exc
+    from torch.export import Dim
+
+    dims = {0: Dim("batch"), 2: Dim("height"), 3: Dim("width")}
+    program = torch.onnx.export(
+        net,
+        (torch.randn(EXAMPLE_SHAPE),),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        opset_version=opset,
+        dynamic_shapes=(dims,),
+        dynamo=True,
+        verbose=False,
+    )
+    program.model.metadata_props[META_KEY] = json.dumps(meta)
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        program.save(path, external_data=False)
+    except OSError as exc:
+        raise SegvocError(f"Cannot write the ONNX model to {path} ({exc}); choose another output=.") from exc
+    return path
+
+
+def export_torchscript(net: torch.nn.Module, meta: dict[str, Any], path: str | Path) -> Path:
+    """Trace ``net`` (in eval mode) to TorchScript at ``path``, with ``meta`` as the extra file ``segvoc.json``.
+
+    Tracing records the size arithmetic of the upsampling steps, so the file works for any input size; the parity
+    check in ``run`` confirms that on sizes other than the traced one.
+    """
+    path = Path(path)
+    with _quiet_torchscript(), torch.no_grad():
+        # check_trace would re-run the net twice more and compare; the parity check does that on other sizes.
+        traced = torch.jit.trace(net, torch.randn(EXAMPLE_SHAPE), check_trace=False)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_META_FILE: json.dumps(meta)})
+        except OSError as exc:
+            raise SegvocError(f"Cannot write the TorchScript model to {path} ({exc}); choose another output=.") from exc
+    return path
+
+
+def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+    """Load a TorchScript file written by ``export_torchscript``: ``(module on the CPU in eval mode, meta)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise SegvocError(f"The TorchScript model {path} does not exist; export one with `python -m segvoc.export`.")
+    extra = {TORCHSCRIPT_META_FILE: ""}
+    try:
+        with _quiet_torchscript():
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except RuntimeError as exc:
+        raise SegvocError(f"Cannot read {path} as a TorchScript model ({exc}); the file is truncated or not one.") from exc
+    if not extra[TORCHSCRIPT_META_FILE]:
+        raise SegvocError(
+            f"{path} has no segvoc meta ({TORCHSCRIPT_META_FILE}); it was not written by segvoc. Export the "
+            "checkpoint again with `python -m segvoc.export ckpt=<file> format=torchscript`."
+        )
+    return module.eval(), json.loads(extra[TORCHSCRIPT_META_FILE])
+
+
+def _import_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise SegvocError(f"Running an ONNX model needs onnxruntime, which is not installed. {INSTALL_HINT}") from exc
+    return onnxruntime
+
+
+class OnnxNet:
+    """An exported ONNX model behind the torch net's interface: ``net(images) -> logits`` and ``net.meta``.
+
+    Runs on onnxruntime's CUDA provider when it is available, else on the CPU. Takes and returns torch tensors;
+    the logits come back on the device of the images (through host memory), without gradients.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        ort = _import_onnxruntime()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SegvocError(f"The ONNX model {self.path} does not exist; export one with `python -m segvoc.export`.")
+        available = ort.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        try:
+            self.session = ort.InferenceSession(str(self.path), providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own error types for unreadable models
+            raise SegvocError(f"onnxruntime cannot load {self.path} ({exc}); the file is truncated or not ONNX.") from exc
+        raw = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
+        if raw is None:
+            raise SegvocError(
+                f"{self.path} has no segvoc meta (metadata key '{META_KEY}'); it was not written by segvoc. Export "
+                "the checkpoint again with `python -m segvoc.export ckpt=<file> format=onnx`."
+            )
+        self.meta: dict[str, Any] = json.loads(raw)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, C, H, W)`` for normalised images ``(N, 3, H, W)``."""
+        array = images.detach().to("cpu", torch.float32).contiguous().numpy()
+        (logits,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: array})
+        return torch.from_numpy(logits).to(images.device)
+
+    def __repr__(self) -> str:
+        return f"OnnxNet({str(self.path)!r}, providers={self.session.get_providers()})"
+
+
+def load_exported(path: str | Path) -> tuple[Net, dict[str, Any]]:
+    """``(net, meta)`` from an exported file, by suffix: ``.onnx`` through ``OnnxNet``, else TorchScript."""
+    if Path(path).suffix == ".onnx":
+        net = OnnxNet(path)
+        return net, net.meta
+    return load_torchscript(path)
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How closely an exported model reproduces PyTorch: largest logit difference, identical argmax pixels."""
+
+    max_abs_diff: float
+    identical_pixels: int
+    pixels: int
+
+    @property
+    def agreement(self) -> float:
+        return self.identical_pixels / self.pixels
+
+    @classmethod
+    def combine(cls, parts: Sequence[Parity]) -> Parity:
+        return cls(
+            max(p.max_abs_diff for p in parts),
+            sum(p.identical_pixels for p in parts),
+            sum(p.pixels for p in parts),
+        )
+
+    def __str__(self) -> str:
+        return (
+            f"max |logit diff| {self.max_abs_diff:.3g}, identical argmax {100 * self.agreement:.3f}% "
+            f"of {self.pixels} pixels"
+        )
+
+
+@torch.inference_mode()
+def compare(reference: Net, candidate: Net, images: torch.Tensor) -> Parity:
+    """Run both nets on ``images`` and measure how far ``candidate``'s logits are from ``reference``'s."""
+    expected, actual = reference(images), candidate(images).to(images.device)
+    if actual.shape != expected.shape:
+        raise SegvocError(
+            f"The exported model returns logits of shape {tuple(actual.shape)} for input {tuple(images.shape)}, "
+            f"PyTorch {tuple(expected.shape)}; the export is broken. Report it with your torch version."
+        )
+    identical = int((actual.argmax(1) == expected.argmax(1)).sum())
+    return Parity(float((actual - expected).abs().max()), identical, expected[:, 0].numel())
+
+
+def _image_files(spec: str, limit: int) -> list[Path]:
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    elif path.is_file():
+        files = [path]
+    else:
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise SegvocError(
+            f"check_images={spec} names no image: give an image file, a folder of images ({', '.join(IMAGE_SUFFIXES)}) "
+            "or a quoted glob such as 'data/**/*.jpg', or check_images=null to check on random inputs."
+        )
+    return files[:limit]
+
+
+def check_inputs(cfg: DictConfig, meta: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    """Named normalised batches for the parity check: ``cfg.check_images`` one by one, else random ``check_shapes``."""
+    if cfg.check_images is None:
+        generator = torch.Generator().manual_seed(int(cfg.seed))
+        shapes = [tuple(int(v) for v in shape) for shape in cfg.check_shapes]
+        return [("random " + "x".join(map(str, s)), torch.randn(s, generator=generator)) for s in shapes]
+    from segvoc.data.transforms import val_transform
+    from segvoc.data.voc import read_image
+
+    transform = val_transform(mean=meta["mean"], std=meta["std"])
+    files = _image_files(str(cfg.check_images), int(cfg.check_max_images))
+    return [(f.name, transform(image=read_image(f))["image"][None]) for f in files]
+
+
+def output_path(cfg: DictConfig) -> Path:
+    """Where the export goes: ``cfg.output``, or the checkpoint's path with the format's suffix."""
+    if cfg.format not in FORMATS:
+        raise SegvocError(f"format={cfg.format} is not supported; use one of {', '.join(FORMATS)}.")
+    ckpt = Path(str(cfg.ckpt))
+    path = Path(str(cfg.output)) if cfg.output is not None else ckpt.with_suffix(FORMATS[cfg.format])
+    if path.resolve() == ckpt.resolve():
+        raise SegvocError(f"Exporting to {path} would overwrite the checkpoint; give another file with output=.")
+    return path
+
+
+def run(cfg: DictConfig) -> Parity:
+    """Export ``cfg.ckpt`` as ``cfg.format``, reload the file and check it against PyTorch; return the parity.
+
+    Raises ``SegvocError`` when fewer than ``cfg.min_agreement`` of the argmax pixels agree; the file stays
+    on disk for inspection.
+    """
+    if OmegaConf.is_missing(cfg, "ckpt"):
+        raise SegvocError("Name the checkpoint to export: `python -m segvoc.export ckpt=path/to/model.ckpt`.")
+    path = output_path(cfg)
+    net, meta = load_model(cfg.ckpt)
+    if cfg.format == "onnx":
+        _import_onnxruntime()  # fail before a long export when the check could not run
+    start = time.perf_counter()
+    if cfg.format == "onnx":
+        export_onnx(net, meta, path, opset=int(cfg.opset))
+    else:
+        export_torchscript(net, meta, path)
+    log.info(
+        "Exported %s to %s (%s, %.1f MB) in %.1f s",
+        cfg.ckpt,
+        path,
+        cfg.format,
+        path.stat().st_size / 1e6,
+        time.perf_counter() - start,
+    )
+
+    start = time.perf_counter()
+    exported, exported_meta = load_exported(path)
+    if exported_meta != json.loads(json.dumps(meta)):
+        raise SegvocError(f"The meta read back from {path} differs from the checkpoint's; the export is broken.")
+    parts = []
+    for name, images in check_inputs(cfg, meta):
+        part = compare(net, exported, images)
+        log.info("Parity on %s: %s", name, part)
+        parts.append(part)
+    parity = Parity.combine(parts)
+    log.info("Parity overall: %s (checked in %.1f s)", parity, time.perf_counter() - start)
+    if parity.agreement < cfg.min_agreement:
+        raise SegvocError(
+            f"The exported model {path} reproduces PyTorch's prediction on only {100 * parity.agreement:.3f}% of the "
+            f"pixels (min_agreement={cfg.min_agreement}); max |logit diff| {parity.max_abs_diff:.3g}. Do not use the "
+            "file: try another opset= or format=, and report it with your torch and onnxruntime versions."
+        )
+    return parity
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except SegvocError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""Converting checkpoints of the seed report's tool: key mapping, identical logits, clear errors, the command line.
+
+The seed network is rebuilt here independently of segvoc.models, from the documented layout of the seed tool's
+checkpoints (DeepLabV3Plus-Pytorch's deeplabv3plus_mobilenet), so that a mapping error cannot cancel itself out.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import mobilenet_v2
+
+from segvoc.checkpoint import CheckpointError, build_from_checkpoint, load_model, read_checkpoint
+from segvoc.convert import main
+from segvoc.palette import VOC_CLASSES
+from segvoc.seed_format import convert_seed_checkpoint, is_seed_checkpoint, seed_safe_globals
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _seed_geometry(output_stride: int) -> list[tuple[int, int]]:
+    """(stride, dilation) of the 3x3 conv of each torchvision ``features`` block 0..17, as the seed tool runs it."""
+    if output_stride == 16:
+        strides, dilations = {0: 2, 2: 2, 4: 2, 7: 2}, dict.fromkeys((15, 16, 17), 2)
+    else:
+        strides, dilations = {0: 2, 2: 2, 4: 2}, {**dict.fromkeys(range(8, 15), 2), **dict.fromkeys((15, 16, 17), 4)}
+    return [(strides.get(i, 1), dilations.get(i, 1)) for i in range(18)]
+
+
+def _conv_bn_relu(in_ch: int, out_ch: int, kernel: int = 1, dilation: int = 1) -> list[nn.Module]:
+    pad = dilation if kernel == 3 else 0
+    conv = nn.Conv2d(in_ch, out_ch, kernel, padding=pad, dilation=dilation, bias=False)
+    return [conv, nn.BatchNorm2d(out_ch), nn.ReLU()]
+
+
+class SeedASPP(nn.Module):
+    def __init__(self, rates: tuple[int, int, int]) -> None:
+        super().__init__()
+        pooling = nn.Sequential(nn.AdaptiveAvgPool2d(1), *_conv_bn_relu(320, 256))
+        atrous = [nn.Sequential(*_conv_bn_relu(320, 256, 3, r)) for r in rates]
+        self.convs = nn.ModuleList([nn.Sequential(*_conv_bn_relu(320, 256)), *atrous, pooling])
+        self.project = nn.Sequential(*_conv_bn_relu(1280, 256), nn.Dropout(0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [conv(x) for conv in self.convs]
+        outs[-1] = F.interpolate(outs[-1], size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.project(torch.cat(outs, dim=1))
+
+
+class SeedHead(nn.Module):
+    def __init__(self, num_classes: int, rates: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.project = nn.Sequential(*_conv_bn_relu(24, 48))
+        self.aspp = SeedASPP(rates)
+        self.classifier = nn.Sequential(*_conv_bn_relu(304, 256, 3), nn.Conv2d(256, num_classes, 1))
+
+    def forward(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        low = self.project(low)
+        high = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return self.classifier(torch.cat([low, high], dim=1))  # low-level first, as the seed tool does
+
+
+class SeedBackbone(nn.Module):
+    def __init__(self, output_stride: int) -> None:
+        super().__init__()
+        features = mobilenet_v2(weights=None).features
+        for i, (stride, dilation) in enumerate(_seed_geometry(output_stride)):
+            conv = next(m for m in features[i].modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
+            conv.stride, conv.dilation = (stride, stride), (dilation, dilation)
+            conv.padding = (0, 0) if i == 0 else (dilation, dilation)
+        # Slicing an nn.Sequential keeps the original indices, hence high_level_features.4 .. .17.
+        self.low_level_features = features[0:4]
+        self.high_level_features = features[4:18]
+
+
+class SeedDeepLabV3Plus(nn.Module):
+    """The seed tool's deeplabv3plus_mobilenet: same module names, paddings, dilations and forward."""
+
+    def __init__(self, num_classes: int = 21, output_stride: int = 16) -> None:
+        super().__init__()
+        self.backbone = SeedBackbone(output_stride)
+        self.classifier = SeedHead(num_classes, (6, 12, 18) if output_stride == 16 else (12, 24, 36))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = self.backbone.low_level_features(x)
+        logits = self.classifier(low, self.backbone.high_level_features(low))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights and BatchNorm statistics that keep activations of order one through the network."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=gen))
+            elif isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(0.5 + torch.rand(n, generator=gen))
+                m.bias.copy_(0.2 * torch.randn(n, generator=gen))
+                m.running_mean.copy_(0.2 * torch.randn(n, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=gen))
+                m.num_batches_tracked.fill_(int(torch.randint(1, 10_000, (1,), generator=gen)))
+    return model.eval()
+
+
+def _seed_checkpoint(model: nn.Module) -> dict:
+    """A checkpoint dict as the seed tool's save_ckpt writes it (its best_score is a numpy float)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    return {
+        "cur_itrs": 30000,
+        "model_state": model.state_dict(),
+        "optimizer_state": optimizer.state_dict(),
+        "scheduler_state": {"last_epoch": 30000, "max_iters": 30000, "power": 0.9, "base_lrs": [0.01, 0.01]},
+        "best_score": np.float64(0.7213),
+    }
+
+
+@pytest.fixture(scope="module")
+def seed_model() -> SeedDeepLabV3Plus:
+    return _randomise(SeedDeepLabV3Plus(output_stride=16))
+
+
+@pytest.fixture(scope="module")
+def seed_file(seed_model: SeedDeepLabV3Plus, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("seed") / "best_deeplabv3plus_mobilenet_voc_os16.pth"
+    torch.save(_seed_checkpoint(seed_model), path)
+    return path
+
+
+def test_reference_model_has_the_documented_seed_layout(seed_model: SeedDeepLabV3Plus) -> None:
+    state = seed_model.state_dict()
+    assert len(state) == 356
+    assert sum(p.numel() for p in seed_model.parameters()) == 5_225_717
+    documented = {
+        "backbone.low_level_features.0.0.weight": (32, 3, 3, 3),
+        "backbone.low_level_features.1.conv.1.weight": (16, 32, 1, 1),
+        "backbone.high_level_features.4.conv.0.0.weight": (144, 24, 1, 1),
+        "backbone.high_level_features.17.conv.3.running_var": (320,),
+        "classifier.project.0.weight": (48, 24, 1, 1),
+        "classifier.aspp.convs.3.0.weight": (256, 320, 3, 3),
+        "classifier.aspp.convs.4.1.weight": (256, 320, 1, 1),
+        "classifier.aspp.project.0.weight": (256, 1280, 1, 1),
+        "classifier.classifier.0.weight": (256, 304, 3, 3),
+        "classifier.classifier.3.bias": (21,),
+    }
+    assert {k: tuple(state[k].shape) for k in documented} == documented
+    assert state["classifier.aspp.convs.4.2.num_batches_tracked"].dtype == torch.int64
+    assert not any(k.startswith("backbone.high_level_features.3.") for k in state)
+
+
+@pytest.mark.parametrize(("output_stride", "size"), [(16, (97, 131)), (8, (130, 97))])
+def test_converted_network_gives_the_seed_logits(
+    seed_model: SeedDeepLabV3Plus, output_stride: int, size: tuple[int, int]
+) -> None:
+    reference = SeedDeepLabV3Plus(output_stride=output_stride).eval()
+    reference.load_state_dict(seed_model.state_dict())
+    converted = convert_seed_checkpoint(_seed_checkpoint(reference), output_stride=output_stride)
+    net, meta = build_from_checkpoint(converted)
+    assert meta["net"] == {
+        "arch": "deeplabv3plus",
+        "num_classes": 21,
+        "output_stride": output_stride,
+        "stem_padding": 0,
+    }
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, actual = reference(x), net(x)
+    assert actual.shape == (1, 21, *size)
+    assert expected.std() > 0.5  # logits far from zero, so the tolerance below is meaningful
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_command_line_round_trip(seed_file: Path, seed_model: SeedDeepLabV3Plus, tmp_path: Path) -> None:
+    out = tmp_path / "converted" / "seed_os16.ckpt"
+    result = subprocess.run(
+        [sys.executable, "-m", "segvoc.convert", str(seed_file), str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "21 classes" in result.stdout and "output stride 16" in result.stdout
+    assert "30000 iterations" in result.stdout and "0.7213" in result.stdout
+    net, meta = load_model(out)
+    assert meta["class_names"] == list(VOC_CLASSES)
+    assert torch.load(out, weights_only=True)["seed"] == {"cur_itrs": 30000, "best_score": pytest.approx(0.7213)}
+    x = torch.randn(1, 3, 67, 90)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), seed_model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_output_stride_option(seed_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "seed_os8.ckpt"
+    assert main([str(seed_file), str(out), "--output-stride", "8"]) == 0
+    assert "output stride 8" in capsys.readouterr().out
+    net, meta = load_model(out)
+    assert meta["net"]["output_stride"] == 8 and net.backbone.output_stride == 8
+
+
+def test_missing_input_exits_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.pth"
+    assert main([str(missing), str(tmp_path / "out.ckpt")]) == 1
+    err = capsys.readouterr().err
+    assert str(missing) in err and "does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "out.ckpt").exists()
+
+
+def test_refuses_to_overwrite_the_input(seed_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(seed_file), str(seed_file)]) == 1
+    assert "overwrite" in capsys.readouterr().err
+
+
+def test_numpy_1_best_score_is_readable(tmp_path: Path) -> None:
+    # Seed checkpoints written under numpy 1 name numpy.core.multiarray.scalar; numpy 2 renamed it numpy._core.
+    buffer = io.BytesIO()
+    torch.save({"best_score": np.float64(0.5)}, buffer, _use_new_zipfile_serialization=False)
+    path = tmp_path / "numpy1.pth"
+    path.write_bytes(buffer.getvalue().replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar"))
+    with seed_safe_globals():
+        assert read_checkpoint(path)["best_score"] == 0.5
+
+
+def test_seed_format_is_recognised(seed_model: SeedDeepLabV3Plus) -> None:
+    seed = _seed_checkpoint(seed_model)
+    assert is_seed_checkpoint(seed)
+    assert not is_seed_checkpoint(convert_seed_checkpoint(seed))
+    assert not is_seed_checkpoint({"state_dict": {}, "epoch": 3})
+
+
+def test_data_parallel_prefix_is_accepted(seed_model: SeedDeepLabV3Plus) -> None:
+    seed = _seed_checkpoint(seed_model)
+    seed["model_state"] = {f"module.{k}": v for k, v in seed["model_state"].items()}
+    assert len(convert_seed_checkpoint(seed)["state_dict"]) == 356
+
+
+def _with_state(seed_model: nn.Module, edit) -> dict:
+    seed = _seed_checkpoint(seed_model)
+    state = dict(seed["model_state"])
+    edit(state)
+    seed["model_state"] = state
+    return seed
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s.pop("classifier.aspp.convs.2.1.running_var"), "lacks 'classifier.aspp.convs.2.1.running_var'"),
+        (lambda s: s.update({"classifier.aux.weight": torch.zeros(1)}), "'classifier.aux.weight'"),
+        (lambda s: s.update({"backbone.layer1.0.conv1.weight": torch.zeros(1)}), "backbone is not MobileNetV2"),
+        (lambda s: s.update({"classifier.classifier.0.convs.0.0.weight": torch.zeros(1)}), "without the V3\\+ decoder"),
+        (
+            lambda s: s.update({"classifier.project.0.weight": torch.zeros(48, 32, 1, 1)}),
+            "has shape \\(48, 32, 1, 1\\)",
+        ),
+        (lambda s: s.pop("classifier.classifier.3.weight"), "number of classes"),
+    ],
+    ids=["missing", "extra", "resnet", "deeplabv3", "shape", "no-classifier"],
+)
+def test_unfit_seed_state_is_a_clear_error(seed_model: SeedDeepLabV3Plus, edit, message: str) -> None:
+    with pytest.raises(CheckpointError, match=message) as info:
+        convert_seed_checkpoint(_with_state(seed_model, edit), source="seed.pth")
+    assert "seed.pth" in str(info.value)
+
+
+def test_class_names_must_match_the_classifier(seed_model: SeedDeepLabV3Plus) -> None:
+    with pytest.raises(CheckpointError, match="21 classes but 2 class names"):
+        convert_seed_checkpoint(_seed_checkpoint(seed_model), class_names=["a", "b"])
+
+
+def test_not_a_seed_checkpoint_is_a_clear_error() -> None:
+    with pytest.raises(CheckpointError, match="no 'model_state'"):
+        convert_seed_checkpoint({"state_dict": {}}, source="x.ckpt")
