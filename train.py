@@ -7,7 +7,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from segvoc.errors import SegvocError
+from segvoc.errors import user_error
 from segvoc.rundir import register_resolvers
 from segvoc.training import evaluate, train
 
@@ -20,8 +20,11 @@ def main(cfg: DictConfig) -> float | None:
         if not cfg.train:
             return evaluate(cfg)["mean_iou"]
         metrics = train(cfg)
-    except SegvocError as exc:
-        logging.getLogger("segvoc").error("%s", exc)
+    except Exception as exc:
+        error = user_error(exc)
+        if error is None:
+            raise
+        logging.getLogger("segvoc").error("%s", error)
         sys.exit(1)
     return metrics.get("best/val/mIoU")  # what a Hydra sweeper optimises
 

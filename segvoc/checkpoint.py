@@ -41,11 +41,14 @@ def describe(net: DeepLab, class_names: list[str], mean: Any = IMAGENET_MEAN, st
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """``torch.load`` with ``weights_only=True``: tensors and plain containers only, never pickled objects."""
+    from segvoc.seed_format import seed_safe_globals
+
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"The checkpoint {path} does not exist; check the path given with ckpt= / ckpt_path=.")
+        raise CheckpointError(f"The checkpoint {path} does not exist; check the path you gave.")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with seed_safe_globals():  # numpy scalars, as in the seed's best_score; still no code runs
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"Refusing to load {path}: it contains pickled Python objects, which could run code when loaded "
@@ -85,6 +88,15 @@ def build_from_checkpoint(
     return net.eval(), meta
 
 
-def load_model(path: str | Path) -> tuple[DeepLab, dict[str, Any]]:
-    """Read ``path`` safely and return ``(network in eval mode, meta)``; see ``describe`` for ``meta``."""
-    return build_from_checkpoint(read_checkpoint(path), path)
+def load_model(path: str | Path, output_stride: int = 16) -> tuple[DeepLab, dict[str, Any]]:
+    """Read ``path`` safely and return ``(network in eval mode, meta)``; see ``describe`` for ``meta``.
+
+    Accepts segvoc checkpoints and those of the seed report's tool; the latter do not record their output stride,
+    so ``output_stride`` gives it (segvoc checkpoints carry their own and ignore it).
+    """
+    from segvoc.seed_format import convert_seed_checkpoint, is_seed_checkpoint
+
+    checkpoint = read_checkpoint(path)
+    if is_seed_checkpoint(checkpoint):
+        checkpoint = convert_seed_checkpoint(checkpoint, output_stride=output_stride, source=str(path))
+    return build_from_checkpoint(checkpoint, path)

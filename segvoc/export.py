@@ -10,13 +10,12 @@ class names, palette, mean, std, network spec) as JSON, so prediction needs noth
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,19 +27,32 @@ from omegaconf import DictConfig, OmegaConf
 
 from segvoc.checkpoint import META_KEY, load_model
 from segvoc.errors import SegvocError
+from segvoc.inference import Net
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("segvoc.export")  # not __name__, which is "__main__" under python -m
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 TORCHSCRIPT_META_FILE = "segvoc.json"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # torch.export specialises dimensions of size 0 or 1, so the example batch must hold at least two images.
 EXAMPLE_SHAPE = (2, 3, 224, 224)
 INSTALL_HINT = 'Install the export dependencies with `pip install -e ".[export]"` (onnx, onnxscript, onnxruntime).'
 
-Net = Callable[[torch.Tensor], torch.Tensor]
+
+@contextmanager
+def _quiet_onnx_passes() -> Iterator[None]:
+    # onnxscript's optimiser logs hundreds of INFO lines per export, which drown the export report when the root
+    # logger is at INFO (as under Hydra).
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 @contextmanager
@@ -52,10 +64,11 @@ def _quiet_torchscript() -> Iterator[None]:
         yield
 
 
-def export_onnx(net: torch.nn.Module, meta: dict[str, Any], path: str | Path, opset: int = 18) -> Path:
+def export_onnx(net: torch.nn.Module, meta: dict[str, Any], path: str | Path, opset: int | None = 18) -> Path:
     """Write ``net`` (in eval mode) to ``path`` as one self-contained ONNX file with dynamic batch, height and width.
 
-    ``meta`` is stored as JSON under the ``segvoc`` key of the model's metadata_props.
+    ``meta`` is stored as JSON under the ``segvoc`` key of the model's metadata_props; ``opset=None`` takes the
+    exporter's default.
     """
     try:
         import onnxscript  # noqa: F401 - torch.onnx's exporter needs it; fail here with the install hint
@@ -64,16 +77,17 @@ def export_onnx(net: torch.nn.Module, meta: dict[str, Any], path: str | Path, op
     from torch.export import Dim
 
     dims = {0: Dim("batch"), 2: Dim("height"), 3: Dim("width")}
-    program = torch.onnx.export(
-        net,
-        (torch.randn(EXAMPLE_SHAPE),),
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        opset_version=opset,
-        dynamic_shapes=(dims,),
-        dynamo=True,
-        verbose=False,
-    )
+    with _quiet_onnx_passes():
+        program = torch.onnx.export(
+            net,
+            (torch.randn(EXAMPLE_SHAPE),),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamic_shapes=(dims,),
+            dynamo=True,
+            verbose=False,
+        )
     program.model.metadata_props[META_KEY] = json.dumps(meta)
     path = Path(path)
     try:
@@ -112,7 +126,9 @@ def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str
         with _quiet_torchscript():
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except RuntimeError as exc:
-        raise SegvocError(f"Cannot read {path} as a TorchScript model ({exc}); the file is truncated or not one.") from exc
+        raise SegvocError(
+            f"Cannot read {path} as a TorchScript model ({exc}); the file is truncated or not one."
+        ) from exc
     if not extra[TORCHSCRIPT_META_FILE]:
         raise SegvocError(
             f"{path} has no segvoc meta ({TORCHSCRIPT_META_FILE}); it was not written by segvoc. Export the "
@@ -146,7 +162,9 @@ class OnnxNet:
         try:
             self.session = ort.InferenceSession(str(self.path), providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own error types for unreadable models
-            raise SegvocError(f"onnxruntime cannot load {self.path} ({exc}); the file is truncated or not ONNX.") from exc
+            raise SegvocError(
+                f"onnxruntime cannot load {self.path} ({exc}); the file is truncated or not ONNX."
+            ) from exc
         raw = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
         if raw is None:
             raise SegvocError(
@@ -213,34 +231,23 @@ def compare(reference: Net, candidate: Net, images: torch.Tensor) -> Parity:
     return Parity(float((actual - expected).abs().max()), identical, expected[:, 0].numel())
 
 
-def _image_files(spec: str, limit: int) -> list[Path]:
-    path = Path(spec)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    elif path.is_file():
-        files = [path]
-    else:
-        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise SegvocError(
-            f"check_images={spec} names no image: give an image file, a folder of images ({', '.join(IMAGE_SUFFIXES)}) "
-            "or a quoted glob such as 'data/**/*.jpg', or check_images=null to check on random inputs."
-        )
-    return files[:limit]
-
-
 def check_inputs(cfg: DictConfig, meta: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
     """Named normalised batches for the parity check: ``cfg.check_images`` one by one, else random ``check_shapes``."""
     if cfg.check_images is None:
         generator = torch.Generator().manual_seed(int(cfg.seed))
         shapes = [tuple(int(v) for v in shape) for shape in cfg.check_shapes]
+        if not shapes or any(len(s) != 4 or s[1] != 3 for s in shapes):
+            raise SegvocError(
+                f"check_shapes={OmegaConf.to_container(cfg.check_shapes)} must list input shapes [N, 3, H, W], e.g. "
+                "check_shapes=[[2,3,97,131]], or give check_images= to check on images."
+            )
         return [("random " + "x".join(map(str, s)), torch.randn(s, generator=generator)) for s in shapes]
     from segvoc.data.transforms import val_transform
-    from segvoc.data.voc import read_image
+    from segvoc.prediction import find_inputs, read_rgb
 
     transform = val_transform(mean=meta["mean"], std=meta["std"])
-    files = _image_files(str(cfg.check_images), int(cfg.check_max_images))
-    return [(f.name, transform(image=read_image(f))["image"][None]) for f in files]
+    files = find_inputs(str(cfg.check_images), key="check_images")[: int(cfg.check_max_images)]
+    return [(f.name, transform(image=read_rgb(f))["image"][None]) for f in files]
 
 
 def output_path(cfg: DictConfig) -> Path:
@@ -265,10 +272,11 @@ def run(cfg: DictConfig) -> Parity:
     path = output_path(cfg)
     net, meta = load_model(cfg.ckpt)
     if cfg.format == "onnx":
-        _import_onnxruntime()  # fail before a long export when the check could not run
+        _import_onnxruntime()  # the check needs it: fail before the export rather than after
+    inputs = check_inputs(cfg, meta)
     start = time.perf_counter()
     if cfg.format == "onnx":
-        export_onnx(net, meta, path, opset=int(cfg.opset))
+        export_onnx(net, meta, path, opset=cfg.opset)
     else:
         export_torchscript(net, meta, path)
     log.info(
@@ -285,7 +293,7 @@ def run(cfg: DictConfig) -> Parity:
     if exported_meta != json.loads(json.dumps(meta)):
         raise SegvocError(f"The meta read back from {path} differs from the checkpoint's; the export is broken.")
     parts = []
-    for name, images in check_inputs(cfg, meta):
+    for name, images in inputs:
         part = compare(net, exported, images)
         log.info("Parity on %s: %s", name, part)
         parts.append(part)

@@ -20,7 +20,14 @@ def resume_run_dir(ckpt_path: str | None, default: str) -> str:
     return default
 
 
+def resume_config_subdir(ckpt_path: str | None, stamp: str) -> str:
+    """Where Hydra records the config of this launch: ``.hydra``, or ``.hydra/resume-<stamp>`` when resuming in
+    the checkpoint's run directory, so the original run's record is kept."""
+    return f".hydra/resume-{stamp}" if resume_run_dir(ckpt_path, "") else ".hydra"
+
+
 def register_resolvers() -> None:
-    """Make ``${resume_run_dir:...}`` available to configs (idempotent)."""
-    if not OmegaConf.has_resolver("resume_run_dir"):
-        OmegaConf.register_new_resolver("resume_run_dir", resume_run_dir)
+    """Make ``${resume_run_dir:...}`` and ``${resume_config_subdir:...}`` available to configs (idempotent)."""
+    for name, resolver in (("resume_run_dir", resume_run_dir), ("resume_config_subdir", resume_config_subdir)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)

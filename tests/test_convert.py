@@ -182,18 +182,14 @@ def test_converted_network_gives_the_seed_logits(
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_command_line_round_trip(seed_file: Path, seed_model: SeedDeepLabV3Plus, tmp_path: Path) -> None:
+def test_command_line_round_trip(
+    seed_file: Path, seed_model: SeedDeepLabV3Plus, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "converted" / "seed_os16.ckpt"
-    result = subprocess.run(
-        [sys.executable, "-m", "segvoc.convert", str(seed_file), str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "21 classes" in result.stdout and "output stride 16" in result.stdout
-    assert "30000 iterations" in result.stdout and "0.7213" in result.stdout
+    assert main([str(seed_file), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "21 classes" in printed and "output stride 16" in printed
+    assert "30000 iterations" in printed and "0.7213" in printed
     net, meta = load_model(out)
     assert meta["class_names"] == list(VOC_CLASSES)
     assert torch.load(out, weights_only=True)["seed"] == {"cur_itrs": 30000, "best_score": pytest.approx(0.7213)}
@@ -210,12 +206,18 @@ def test_output_stride_option(seed_file: Path, tmp_path: Path, capsys: pytest.Ca
     assert meta["net"]["output_stride"] == 8 and net.backbone.output_stride == 8
 
 
-def test_missing_input_exits_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_input_exits_with_a_message(tmp_path: Path) -> None:
     missing = tmp_path / "nope.pth"
-    assert main([str(missing), str(tmp_path / "out.ckpt")]) == 1
-    err = capsys.readouterr().err
-    assert str(missing) in err and "does not exist" in err and "Traceback" not in err
-    assert not (tmp_path / "out.ckpt").exists()
+    result = subprocess.run(
+        [sys.executable, "-m", "segvoc.convert", str(missing), str(tmp_path / "out.ckpt")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert str(missing) in result.stderr and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out.ckpt").exists()
 
 
 def test_refuses_to_overwrite_the_input(seed_file: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -103,4 +103,4 @@ def test_unreachable_weights_name_both_ways_out(monkeypatch) -> None:
     monkeypatch.setattr(type(MobileNet_V2_Weights.IMAGENET1K_V1), "get_state_dict", offline)
     with pytest.raises(WeightsUnavailableError) as info:
         MobileNetV2Backbone(pretrained=True)
-    assert "model.weights_path" in str(info.value) and "model.pretrained=false" in str(info.value)
+    assert "model.net.weights_path" in str(info.value) and "model.net.pretrained=false" in str(info.value)

@@ -81,6 +81,7 @@ def test_resume_continues_in_the_checkpoint_run_directory() -> None:
         return_hydra_config=True,
     )
     assert cfg.hydra.run.dir == "outputs/train/2026-01-01_00-00-00"
+    assert cfg.hydra.output_subdir.startswith(".hydra/resume-")
     cfg = compose_config(["ckpt_path=/somewhere/model.ckpt", "output_dir=x"], return_hydra_config=True)
     assert cfg.hydra.run.dir.startswith("outputs/train/")
 

@@ -70,9 +70,9 @@ class VOCDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
-        self.root = Path(root)
+        self.root = Path(root).expanduser()
         self.download = download
-        self.tar_path = tar_path
+        self.tar_path = Path(tar_path).expanduser() if tar_path else None
         self.url = url
         self.demo = demo
         self.train_split = train_split

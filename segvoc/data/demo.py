@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from segvoc.errors import SegvocError
 from segvoc.palette import IGNORE_INDEX, voc_palette
 
 # class index -> (shape, base RGB colour)
@@ -93,6 +94,11 @@ def make_demo_voc(root: str | Path, n_train: int = 64, n_val: int = 16, seed: in
     voc = root / "VOCdevkit" / "VOC2012"
     if (voc / COMPLETE_MARKER).is_file():
         return voc
+    if voc.exists() and any(voc.iterdir()):
+        raise SegvocError(
+            f"{voc} exists and is not a generated demo dataset; the demo will not overwrite it. "
+            "Give the demo its own folder with data.root=data/demo (the default of experiment=demo)."
+        )
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     palette = voc_palette().flatten().tolist()
@@ -117,7 +123,7 @@ def make_demo_voc(root: str | Path, n_train: int = 64, n_val: int = 16, seed: in
             (tmp / "ImageSets/Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
         (tmp / COMPLETE_MARKER).write_text(f"seed={seed} train={n_train} val={n_val}\n")
         if voc.exists():
-            shutil.rmtree(voc)
+            voc.rmdir()  # empty, checked above
         voc.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(voc)
     finally:

@@ -51,10 +51,12 @@ def val_transform(
     std: Sequence[float] = IMAGENET_STD,
     ignore_index: int = IGNORE_INDEX,
 ) -> A.Compose:
-    """Normalise the whole image; with ``crop_size`` also pad and take the centre crop (the seed's ``crop_val``)."""
+    """Normalise the whole image; with ``crop_size`` (the seed's ``crop_val``) first resize the shorter side to
+    ``crop_size`` (mask: nearest neighbour) and take the centre ``crop_size`` square."""
     crop: list[A.BasicTransform] = []
     if crop_size is not None:
         crop = [
+            A.SmallestMaxSize(max_size=crop_size, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST),
             A.PadIfNeeded(
                 min_height=crop_size,
                 min_width=crop_size,

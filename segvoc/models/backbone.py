@@ -55,14 +55,14 @@ def _load_imagenet_state(weights_path: str | Path | None) -> dict[str, torch.Ten
         if not path.is_file():
             raise WeightsUnavailableError(
                 f"model.weights_path={path} does not exist. Point it at the ImageNet MobileNetV2 state dict "
-                "(torchvision's mobilenet_v2-b0353104.pth), or set model.weights_path=null to fetch it."
+                "(torchvision's mobilenet_v2-b0353104.pth), or set model.net.weights_path=null to fetch it."
             )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling failure gets the same advice
             raise WeightsUnavailableError(
                 f"Could not read backbone weights from {path} ({exc}). The file must be a plain state dict of "
-                "torchvision's MobileNetV2 (tensors only); re-download it or set model.pretrained=false."
+                "torchvision's MobileNetV2 (tensors only); re-download it or set model.net.pretrained=false."
             ) from exc
         return state.get("state_dict", state)
     try:
@@ -71,8 +71,8 @@ def _load_imagenet_state(weights_path: str | Path | None) -> dict[str, torch.Ten
         url = MobileNet_V2_Weights.IMAGENET1K_V1.url
         raise WeightsUnavailableError(
             f"Could not download the ImageNet MobileNetV2 weights from {url} ({exc}). Either download that file "
-            "on a machine with network access and pass it with model.weights_path=/path/to/mobilenet_v2.pth, or "
-            "train from scratch with model.pretrained=false (expect a much lower mIoU on VOC)."
+            "on a machine with network access and pass it with model.net.weights_path=/path/to/mobilenet_v2.pth, or "
+            "train from scratch with model.net.pretrained=false (expect a much lower mIoU on VOC)."
         ) from exc
 
 
@@ -95,7 +95,7 @@ class MobileNetV2Backbone(nn.Module):
     ) -> None:
         super().__init__()
         if output_stride not in (8, 16):
-            raise SegvocError(f"model.output_stride={output_stride} is not supported; use 8 or 16.")
+            raise SegvocError(f"model.net.output_stride={output_stride} is not supported; use 8 or 16.")
         net = mobilenet_v2(weights=None)
         if pretrained or weights_path is not None:
             state = _load_imagenet_state(weights_path)

@@ -68,6 +68,7 @@ class SegmentationModule(L.LightningModule):
         self.val_metrics = SegmentationMetrics(num_classes, ignore_index)
         self.val_scores: dict[str, torch.Tensor] = {}
         self._val_panels: list[Any] = []
+        self._val_seen = 0
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
@@ -98,7 +99,7 @@ class SegmentationModule(L.LightningModule):
         self.log("val/loss", self._loss(logits, masks), batch_size=images.shape[0])
         preds = logits.argmax(dim=1)
         self.val_metrics.update(preds, masks)
-        first = batch_idx * images.shape[0]
+        first, self._val_seen = self._val_seen, self._val_seen + images.shape[0]
         if self.save_val_dir is None and first >= self.num_val_images:
             return
         mean, std = self._normalisation()
@@ -110,6 +111,9 @@ class SegmentationModule(L.LightningModule):
             if self.save_val_dir is not None:
                 self.save_val_dir.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(picture).save(self.save_val_dir / f"{first + offset:05d}.png")
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_seen = 0
 
     def on_validation_epoch_end(self) -> None:
         confmat = self.val_metrics.confmat.clone()

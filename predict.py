@@ -1,0 +1,32 @@
+"""Turn images into masks: `python predict.py ckpt=<checkpoint> input=<file|folder|glob> output=<folder>`.
+
+Writes one single-channel PNG of class indices per image, at the image's size (see README.md for more formats).
+"""
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from segvoc.errors import user_error
+from segvoc.prediction import run
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    try:
+        failed = run(cfg)
+    except Exception as exc:
+        error = user_error(exc)
+        if error is None:
+            raise
+        logging.getLogger("segvoc").error("%s", error)
+        sys.exit(1)
+    if failed:
+        logging.getLogger("segvoc").error("%d file(s) could not be read or written; see the messages above.", failed)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Turning image files into masks: reading any image mode, batched inference, writing the requested formats.
+
+``run(cfg)`` is the body of ``predict.py``. Files are read by DataLoader workers, run through
+``segvoc.inference.infer`` in padded batches, and written by a thread pool while the next batch is computed. An
+unreadable file is reported and skipped; the others are still written.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import zipfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image, ImageOps
+from rich.progress import Progress
+from torch.utils.data import DataLoader, Dataset
+
+from segvoc.checkpoint import load_model
+from segvoc.data.datamodule import default_num_workers
+from segvoc.errors import SegvocError
+from segvoc.inference import crop_to_sizes, infer
+from segvoc.visualize import overlay
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+FORMATS = ("index", "palette", "overlay", "voc")
+VOC_RESULTS = Path("results/VOC2012/Segmentation/comp5_test_cls")
+
+
+def find_inputs(spec: str, key: str = "input") -> list[Path]:
+    """The image files named by ``spec``: a file, a folder (its images, not recursive) or a glob pattern.
+
+    ``key`` is the config key the user gave ``spec`` with, named in the error when nothing matches."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    if not files:
+        raise SegvocError(
+            f"{key}={spec} names no image files (a file, a folder of {', '.join(sorted(IMAGE_SUFFIXES))} files, "
+            "or a glob such as 'photos/*.jpg' in quotes)."
+        )
+    return files
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """Read any image as RGB uint8 ``(H, W, 3)`` as it is displayed: EXIF rotation applied, alpha dropped,
+    palette expanded, grayscale replicated, 16-bit scaled to 8-bit."""
+    with Image.open(path) as opened:
+        opened.load()
+        image = ImageOps.exif_transpose(opened)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if values.max(initial=0) > 255 else 255.0
+        gray = np.clip(values / top * 255.0, 0, 255).round().astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return np.array(image.convert("RGB"), dtype=np.uint8)
+
+
+class ImageFiles(Dataset):
+    """``dataset[i]`` is ``(normalised CHW tensor or None, i, error message or None)``."""
+
+    def __init__(self, files: Sequence[Path], mean: Sequence[float], std: Sequence[float]) -> None:
+        self.files = list(files)
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str | None]:
+        try:
+            rgb = read_rgb(self.files[index])
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is reported and skipped, never fatal
+            return None, index, f"{type(exc).__name__}: {exc}"
+        image = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255)
+        return (image - self.mean) / self.std, index, None
+
+
+def collate(items: Sequence[tuple[torch.Tensor | None, int, str | None]]) -> dict[str, Any]:
+    """Pad the readable images of a batch to one size; keep the failures aside."""
+    good = [(image, index) for image, index, _ in items if image is not None]
+    failed = [(index, error) for image, index, error in items if image is None]
+    if not good:
+        return {"images": None, "indices": [], "sizes": [], "failed": failed}
+    height = max(image.shape[1] for image, _ in good)
+    width = max(image.shape[2] for image, _ in good)
+    images = torch.stack([F.pad(image, (0, width - image.shape[2], 0, height - image.shape[1])) for image, _ in good])
+    sizes = [tuple(image.shape[1:]) for image, _ in good]
+    return {"images": images, "indices": [i for _, i in good], "sizes": sizes, "failed": failed}
+
+
+def load_predictor(path: str | Path, output_stride: int = 16) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
+    """``(net, meta)`` from a segvoc or seed checkpoint, an ONNX file, or a TorchScript file."""
+    path = Path(path)
+    if path.suffix == ".onnx" or (path.is_file() and zipfile.is_zipfile(path) and _is_torchscript(path)):
+        from segvoc.export import load_exported
+
+        return load_exported(path)
+    return load_model(path, output_stride=output_stride)
+
+
+def _is_torchscript(path: Path) -> bool:
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
+
+
+def write_outputs(
+    mask: np.ndarray, rgb_path: Path, stem: str, output: Path, formats: Sequence[str], palette: list[int]
+) -> None:
+    """Write one mask in every requested format (see README: Prediction)."""
+    if "index" in formats:
+        Image.fromarray(mask, mode="L").save(output / f"{stem}.png")
+    if "palette" in formats or "voc" in formats:
+        coloured = Image.fromarray(mask, mode="P")
+        coloured.putpalette(palette)
+        if "palette" in formats:
+            coloured.save(output / "palette" / f"{stem}.png")
+        if "voc" in formats:
+            coloured.save(output / VOC_RESULTS / f"{stem}.png")
+    if "overlay" in formats:
+        Image.fromarray(overlay(read_rgb(rgb_path), mask)).save(output / "overlay" / f"{stem}.jpg", quality=92)
+
+
+def run(cfg: DictConfig) -> int:
+    """Predict masks for ``cfg.input`` into ``cfg.output``; return the number of files that could not be done."""
+    formats = list(cfg.formats)
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown or not formats:
+        raise SegvocError(f"formats={formats} is not a list of {list(FORMATS)}; e.g. formats=[index,palette].")
+    files = find_inputs(str(cfg.input))
+    net, meta = load_predictor(cfg.ckpt, output_stride=cfg.output_stride)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    if isinstance(net, torch.nn.Module):
+        net = net.to(device).eval()
+    palette = [v for rgb in meta["palette"] for v in rgb]
+    palette += [0] * (768 - len(palette))
+    palette[255 * 3 : 255 * 3 + 3] = [224, 224, 192]
+    output = Path(cfg.output)
+    for sub in (
+        [Path(".")]
+        + [Path(f) for f in ("palette", "overlay") if f in formats]
+        + ([VOC_RESULTS] if "voc" in formats else [])
+    ):
+        (output / sub).mkdir(parents=True, exist_ok=True)
+    stems = [f.stem for f in files]
+    if len(set(stems)) != len(stems):
+        log.warning("Several inputs share a file name stem; later masks overwrite earlier ones of the same name.")
+
+    workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
+    loader = DataLoader(
+        ImageFiles(files, meta["mean"], meta["std"]),
+        batch_size=cfg.batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+    )
+    inference = OmegaConf.to_container(cfg.inference)
+    failures: list[tuple[Path, str]] = []
+    pending: list[Future] = []
+    with ThreadPoolExecutor(max_workers=2) as writer, Progress() as progress, torch.inference_mode():
+        task = progress.add_task("Predicting", total=len(files))
+        for batch in loader:
+            failures += [(files[i], error) for i, error in batch["failed"]]
+            if batch["images"] is not None:
+                logits = infer(net, batch["images"].to(device, non_blocking=True), **inference)
+                preds = logits.argmax(dim=1).to(torch.uint8).cpu()
+                for index, pred in zip(batch["indices"], crop_to_sizes(preds, batch["sizes"]), strict=True):
+                    mask = pred.numpy()
+                    pending.append(
+                        writer.submit(write_outputs, mask, files[index], files[index].stem, output, formats, palette)
+                    )
+            progress.advance(task, len(batch["indices"]) + len(batch["failed"]))
+        for future, index in zip(pending, range(len(pending)), strict=True):
+            try:
+                future.result()
+            except OSError as exc:
+                failures.append((Path(f"output #{index}"), f"cannot write into {output}: {exc}"))
+    for path, error in failures:
+        log.error("Skipped %s: %s", path, error)
+    log.info("Wrote masks for %d of %d images to %s", len(files) - len(failures), len(files), output)
+    return len(failures)

@@ -1,0 +1,180 @@
+"""predict.py: masks at the original size for every kind of input image, formats, corrupt files, exported models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segvoc.checkpoint import describe
+from segvoc.models.deeplab import deeplabv3plus_mobilenet
+from segvoc.palette import VOC_CLASSES
+from segvoc.prediction import read_rgb, run
+from tests.conftest import compose_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    net = deeplabv3plus_mobilenet(num_classes=21).eval()
+    for module in net.modules():  # spread the BN statistics so predictions vary over the image
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"state_dict": state, "segvoc": describe(net, list(VOC_CLASSES))}, path)
+    return path
+
+
+def make_inputs(folder: Path) -> dict[str, tuple[int, int]]:
+    """Images of many kinds; returns stem -> (width, height) as displayed."""
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    rgb = rng.integers(0, 255, size=(61, 83, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "odd.jpg")
+    Image.fromarray(rgb[..., 0]).save(folder / "gray.png")
+    Image.fromarray(np.dstack([rgb, np.full((61, 83), 128, np.uint8)])).save(folder / "rgba.png")
+    Image.fromarray(rgb[..., 1].astype(np.uint16) * 257).save(folder / "deep16.png")
+    Image.fromarray(rgb).convert("P").save(folder / "paletted.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif, quality=95)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    return {
+        "odd": (83, 61),
+        "gray": (83, 61),
+        "rgba": (83, 61),
+        "deep16": (83, 61),
+        "paletted": (83, 61),
+        "rotated": (61, 83),
+    }
+
+
+def predict_cfg(*overrides: str):
+    return compose_config(["num_workers=0", *overrides], config_name="predict")
+
+
+def test_reads_every_mode_as_displayed(tmp_path: Path) -> None:
+    sizes = make_inputs(tmp_path / "in")
+    for stem, (width, height) in sizes.items():
+        path = next((tmp_path / "in").glob(f"{stem}.*"))
+        image = read_rgb(path)
+        assert image.shape == (height, width, 3) and image.dtype == np.uint8, stem
+    deep = read_rgb(tmp_path / "in" / "deep16.png")
+    assert np.array_equal(deep[..., 0], np.asarray(Image.open(tmp_path / "in" / "gray.png")) * 0 + deep[..., 0])
+    assert deep.max() > 128  # scaled from 16 bits, not clipped to white or black
+
+
+def test_masks_at_original_size_and_a_corrupt_file_is_skipped(checkpoint: Path, tmp_path: Path) -> None:
+    sizes = make_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    failed = run(
+        predict_cfg(
+            f"ckpt={checkpoint}",
+            f"input={tmp_path / 'in'}",
+            f"output={out}",
+            "formats=[index,palette,overlay,voc]",
+            "batch_size=3",
+        )
+    )
+    assert failed == 1  # broken.jpg
+    for stem, size in sizes.items():
+        mask = Image.open(out / f"{stem}.png")
+        assert mask.mode == "L" and mask.size == size, stem
+        assert np.asarray(mask).max() <= 20
+        assert Image.open(out / "palette" / f"{stem}.png").mode == "P"
+        assert Image.open(out / "overlay" / f"{stem}.jpg").size == size
+        assert (out / "results/VOC2012/Segmentation/comp5_test_cls" / f"{stem}.png").is_file()
+    assert not (out / "broken.png").exists()
+
+
+def test_batched_padding_gives_the_same_masks_as_one_at_a_time(checkpoint: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    (tmp_path / "in").mkdir()
+    for i, (h, w) in enumerate([(64, 64), (40, 72), (72, 40)]):
+        Image.fromarray(rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)).save(tmp_path / "in" / f"{i}.png")
+    for batch in (1, 3):
+        run(
+            predict_cfg(
+                f"ckpt={checkpoint}",
+                f"input={tmp_path / 'in'}",
+                f"output={tmp_path / str(batch)}",
+                f"batch_size={batch}",
+            )
+        )
+    # The image-pooling branch sees the padding, so a padded batch may differ slightly at object boundaries.
+    for i in range(3):
+        one = np.asarray(Image.open(tmp_path / "1" / f"{i}.png"))
+        three = np.asarray(Image.open(tmp_path / "3" / f"{i}.png"))
+        assert one.shape == three.shape and (one == three).mean() > 0.7
+
+
+def test_exif_rotation_gives_the_mask_of_the_displayed_image(checkpoint: Path, tmp_path: Path) -> None:
+    make_inputs(tmp_path / "in")
+    upright = tmp_path / "upright"
+    upright.mkdir()
+    Image.fromarray(read_rgb(tmp_path / "in" / "rotated.jpg")).save(upright / "rotated.png")
+    run(predict_cfg(f"ckpt={checkpoint}", f"input={tmp_path / 'in' / 'rotated.jpg'}", f"output={tmp_path / 'a'}"))
+    run(predict_cfg(f"ckpt={checkpoint}", f"input={upright / 'rotated.png'}", f"output={tmp_path / 'b'}"))
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "a" / "rotated.png")), np.asarray(Image.open(tmp_path / "b" / "rotated.png"))
+    )
+
+
+def test_cli_exit_status_and_summary(checkpoint: Path, tmp_path: Path) -> None:
+    make_inputs(tmp_path / "in")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "predict.py"),
+            f"ckpt={checkpoint}",
+            f"input={tmp_path / 'in'}/*.jpg",
+            f"output={tmp_path / 'out'}",
+            "num_workers=1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = proc.stdout + proc.stderr  # Hydra's log handler writes to stdout
+    assert proc.returncode == 2, output[-2000:]
+    assert "broken.jpg" in output and "could not be read" in output and "Traceback" not in output
+    assert (tmp_path / "out" / "odd.png").is_file() and (tmp_path / "out" / "rotated.png").is_file()
+
+
+def test_no_inputs_and_unknown_format_are_clear_errors(checkpoint: Path, tmp_path: Path) -> None:
+    from segvoc.errors import SegvocError
+
+    with pytest.raises(SegvocError, match="names no image files"):
+        run(predict_cfg(f"ckpt={checkpoint}", f"input={tmp_path}/nothing/*.jpg", f"output={tmp_path / 'o'}"))
+    with pytest.raises(SegvocError, match="formats"):
+        run(predict_cfg(f"ckpt={checkpoint}", f"input={tmp_path}", "formats=[jpeg]", f"output={tmp_path / 'o'}"))
+
+
+def test_onnx_model_gives_the_same_masks(checkpoint: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from segvoc.checkpoint import load_model
+    from segvoc.export import export_onnx
+
+    net, meta = load_model(checkpoint)
+    onnx_path = export_onnx(net, meta, tmp_path / "model.onnx")
+    make_inputs(tmp_path / "in")
+    run(predict_cfg(f"ckpt={checkpoint}", f"input={tmp_path / 'in'}", f"output={tmp_path / 'pt'}"))
+    run(predict_cfg(f"ckpt={onnx_path}", f"input={tmp_path / 'in'}", f"output={tmp_path / 'onnx'}"))
+    agree = [
+        np.mean(np.asarray(Image.open(p)) == np.asarray(Image.open(tmp_path / "onnx" / p.name)))
+        for p in (tmp_path / "pt").glob("*.png")
+    ]
+    assert len(agree) == 6 and min(agree) >= 0.999
