@@ -285,3 +285,27 @@ def test_class_names_must_match_the_classifier(seed_model: SeedDeepLabV3Plus) ->
 def test_not_a_seed_checkpoint_is_a_clear_error() -> None:
     with pytest.raises(CheckpointError, match="no 'model_state'"):
         convert_seed_checkpoint({"state_dict": {}}, source="x.ckpt")
+
+
+def test_raw_seed_file_loads_and_predicts_directly(
+    seed_file: Path, seed_model: SeedDeepLabV3Plus, tmp_path: Path
+) -> None:
+    net, meta = load_model(seed_file)  # no conversion step: predict.py ckpt=<seed .pth> takes this path
+    assert meta["net"]["stem_padding"] == 0
+    x = torch.randn(1, 3, 71, 93)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), seed_model(x), atol=1e-4, rtol=1e-4)
+
+    from PIL import Image
+
+    from segvoc.prediction import run
+    from tests.conftest import compose_config
+
+    Image.new("RGB", (93, 71), (120, 80, 40)).save(tmp_path / "photo.jpg")
+    cfg = compose_config(
+        [f"ckpt={seed_file}", f"input={tmp_path / 'photo.jpg'}", f"output={tmp_path / 'out'}", "num_workers=0"],
+        config_name="predict",
+    )
+    assert run(cfg) == 0
+    mask = Image.open(tmp_path / "out" / "photo.png")
+    assert mask.mode == "L" and mask.size == (93, 71)
