@@ -31,3 +31,59 @@ def register_resolvers() -> None:
     for name, resolver in (("resume_run_dir", resume_run_dir), ("resume_config_subdir", resume_config_subdir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
+
+
+def record_run(output_dir: str | Path, argv: list[str] | None = None) -> Path:
+    """Write ``<output_dir>/run.json``: command line, Python and package versions, and the git commit of the code.
+
+    Hydra already keeps the composed config in ``<output_dir>/.hydra``; this adds what is needed to rerun it.
+    """
+    import json
+    import platform
+    import subprocess
+    import sys
+    from datetime import datetime, timezone
+    from importlib.metadata import PackageNotFoundError, version
+
+    packages = {}
+    for name in (
+        "segvoc",
+        "torch",
+        "torchvision",
+        "lightning",
+        "hydra-core",
+        "omegaconf",
+        "torchmetrics",
+        "albumentations",
+        "numpy",
+        "opencv-python-headless",
+    ):
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            packages[name] = None
+    code_dir = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=code_dir, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    record = {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": [sys.executable, *(sys.argv if argv is None else argv)],
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": packages,
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+    }
+    path = Path(output_dir) / "run.json"
+    if path.exists():  # a resumed run keeps the first launch's record and adds this one beside it
+        path = path.with_name(f"run-{record['started'].replace(':', '-')}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+    return path

@@ -16,7 +16,9 @@ from rich.console import Console
 from rich.table import Table
 
 from segvoc.checkpoint import CheckpointError, load_model
+from segvoc.config import validate_config
 from segvoc.models.module import SegmentationModule
+from segvoc.rundir import record_run
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +30,13 @@ def _save_val_dir(cfg: DictConfig) -> str | None:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Instantiate data module, model, callbacks, loggers and trainer from ``cfg``, fit, and return the metrics.
 
-    The dataset is prepared (found, extracted, downloaded or generated) before the model is built, so a missing
-    dataset is reported before anything slow happens. Returns the trainer's last logged metrics as floats, plus
+    The config is validated and the dataset prepared (found, extracted, downloaded or generated) before the model
+    is built, so a bad value or a missing dataset is reported before anything slow happens; ``<run>/run.json``
+    records the command line, package versions and git commit. Returns the trainer's last logged metrics as floats, plus
     ``best/val/mIoU`` when a checkpoint callback monitored it.
     """
+    validate_config(cfg)
+    record_run(cfg.output_dir)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
@@ -66,6 +71,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """
     if not cfg.ckpt_path:
         raise CheckpointError("train=false evaluates a checkpoint: give it with ckpt_path=/path/to/model.ckpt.")
+    validate_config(cfg)
+    record_run(cfg.output_dir)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     net, meta = load_model(cfg.ckpt_path)

@@ -111,3 +111,23 @@ def test_datamodule_loaders(voc_root: Path) -> None:
     assert images.shape == (4, 3, 64, 64) and masks.shape == (4, 64, 64) and masks.dtype == torch.int64
     images, masks, sizes = next(iter(dm.val_dataloader()))
     assert images.shape[0] == 2 and len(sizes) == 2 and images.shape[-2:] == masks.shape[-2:]
+
+
+def _augmented_mask_sums(voc_root: Path, num_workers: int) -> list[int]:
+    import lightning as L
+
+    L.seed_everything(3, workers=True)
+    dm = VOCDataModule(root=voc_root, batch_size=1, crop_size=64, num_workers=num_workers)
+    dm.setup("fit")
+    dm.train_set.ids = [dm.train_set.ids[0]] * 8  # one image: differences come from augmentation alone
+    loader = torch.utils.data.DataLoader(
+        dm.train_set, batch_size=1, num_workers=num_workers, worker_init_fn=dm.train_dataloader().worker_init_fn
+    )
+    return [int(mask.sum()) for _, mask in loader]
+
+
+def test_augmentation_is_reproducible_and_differs_between_workers(voc_root: Path) -> None:
+    first = _augmented_mask_sums(voc_root, num_workers=2)
+    assert first == _augmented_mask_sums(voc_root, num_workers=2)
+    assert first[0::2] != first[1::2]  # worker 0 and worker 1 do not replay one random stream
+    assert _augmented_mask_sums(voc_root, num_workers=0) == _augmented_mask_sums(voc_root, num_workers=0)

@@ -9,7 +9,8 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from lightning.fabric.utilities.seed import pl_worker_init_function as seed_lightning_worker
+from torch.utils.data import DataLoader, get_worker_info
 
 from segvoc.data.demo import make_demo_voc
 from segvoc.data.download import VOC_URL, prepare_voc, voc_dir
@@ -34,6 +35,20 @@ def pad_collate(
     images = torch.stack([pad(image, 0) for image, _ in batch])
     masks = torch.stack([pad(mask, IGNORE_INDEX) for _, mask in batch])
     return images, masks, [tuple(image.shape[-2:]) for image, _ in batch]
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: give each worker its own, reproducible augmentation stream.
+
+    albumentations 2.x keeps its own random generator, seeded from OS entropy unless told otherwise, and forked
+    workers would all inherit one copy of it; here it is reseeded from the worker's torch seed (derived from the
+    run's ``seed``, different for every worker and epoch), and NumPy / ``random`` as Lightning does.
+    """
+    seed_lightning_worker(worker_id)
+    info = get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(info.seed % 2**32)
 
 
 def default_num_workers() -> int:
@@ -101,11 +116,10 @@ class VOCDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", None) and self.train_set is None:
-            self.train_set = VOCSegmentation(
-                self.voc,
-                self.train_split,
-                train_transform(self.crop_size, self.scale_range, self.mean, self.std),
-            )
+            transform = train_transform(self.crop_size, self.scale_range, self.mean, self.std)
+            # Without workers the transform runs here: seed it from torch's generator, which the run's seed sets.
+            transform.set_random_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+            self.train_set = VOCSegmentation(self.voc, self.train_split, transform)
         if stage in ("fit", "validate", None) and self.val_set is None:
             crop = self.crop_size if self.crop_val else None
             self.val_set = VOCSegmentation(self.voc, self.val_split, val_transform(crop, self.mean, self.std))
@@ -120,6 +134,7 @@ class VOCDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             collate_fn=None if train else pad_collate,
+            worker_init_fn=seed_worker,
         )
 
     def train_dataloader(self) -> DataLoader:

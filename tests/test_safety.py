@@ -1,0 +1,133 @@
+"""Config validation at start-up, refusal of checkpoints that would run code, reproducibility and run records."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from segvoc.checkpoint import CheckpointError, load_model, read_checkpoint
+from segvoc.config import ConfigError
+from segvoc.training import evaluate, train
+from tests.test_train import scalars
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ("data.crop_size=0", "data.crop_size=0"),
+        ("data.batch_size=-2", "data.batch_size=-2"),
+        ("data.val_batch_size=1.5", "data.val_batch_size=1.5"),
+        ("optimizer.lr=0", "optimizer.lr=0"),
+        ("trainer.max_steps=0", "trainer.max_steps=0"),
+        ("model.net.output_stride=32", "model.net.output_stride=32"),
+        ("model.num_classes=5", "model.num_classes=5"),
+        ("ckpt_path=/nonexistent/last.ckpt", "ckpt_path=/nonexistent/last.ckpt"),
+    ],
+)
+def test_bad_config_values_are_one_clear_line(make_cfg, override: str, names: str, tmp_path: Path) -> None:
+    cfg = make_cfg(override, "data.root=/nonexistent/data")  # would fail later: validation must come first
+    with pytest.raises(ConfigError) as info:
+        train(cfg)
+    message = str(info.value)
+    assert names in message and "\n" not in message
+
+
+def test_bad_value_on_the_command_line_exits_1_without_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "data.crop_size=0"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "data.crop_size=0" in output and "Traceback" not in output
+
+
+class Payload:
+    """Unpickling this writes a marker file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+@pytest.fixture
+def malicious(tmp_path: Path) -> tuple[Path, Path]:
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "segvoc": {"net": {"arch": "deeplabv3plus"}}, "x": Payload(marker)}, path)
+    return path, marker
+
+
+def test_checkpoint_with_pickled_objects_is_refused(malicious: tuple[Path, Path]) -> None:
+    path, marker = malicious
+    for load in (read_checkpoint, load_model):
+        with pytest.raises(CheckpointError, match="pickled Python objects"):
+            load(path)
+    assert not marker.exists()
+
+
+def test_training_resume_and_evaluation_refuse_a_malicious_checkpoint(make_cfg, malicious) -> None:
+    path, marker = malicious
+    with pytest.raises(CheckpointError, match="pickled"):
+        train(make_cfg(f"ckpt_path={path}"))
+    with pytest.raises(CheckpointError, match="pickled"):
+        evaluate(make_cfg("train=false", f"ckpt_path={path}"))
+    assert not marker.exists()
+
+
+def test_prediction_refuses_a_malicious_checkpoint(malicious, tmp_path: Path) -> None:
+    from PIL import Image
+
+    path, marker = malicious
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "predict.py"),
+            f"ckpt={path}",
+            f"input={tmp_path / 'a.png'}",
+            f"output={tmp_path / 'out'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1 and "pickled" in proc.stdout + proc.stderr
+    assert not marker.exists()
+
+
+def test_same_seed_gives_identical_runs(make_cfg, tmp_path: Path) -> None:
+    runs = []
+    for name in ("a", "b"):
+        cfg = make_cfg("seed=7", "trainer.max_steps=4")
+        cfg.output_dir = str(tmp_path / name)
+        train(cfg)
+        runs.append(scalars(Path(cfg.output_dir)))
+    assert runs[0]["train/loss"] == runs[1]["train/loss"]
+    assert runs[0]["val/mIoU"] == runs[1]["val/mIoU"] and runs[0]["val/loss"] == runs[1]["val/loss"]
+
+
+def test_run_directory_records_command_versions_and_commit(make_cfg) -> None:
+    cfg = make_cfg("trainer.max_steps=2")
+    train(cfg)
+    record = json.loads((Path(cfg.output_dir) / "run.json").read_text())
+    assert record["packages"]["torch"] == torch.__version__.split("+")[0] or record["packages"]["torch"]
+    assert record["command"] and record["python"]
+    assert "git_commit" in record and (record["git_commit"] is None or len(record["git_commit"]) == 40)
