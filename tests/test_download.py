@@ -394,3 +394,48 @@ def test_dropped_connection_keeps_part_and_next_call_resumes(
 
     assert is_voc_complete(prepare_voc(root, download=True, url=server.url(VOC_TAR_NAME), md5=md5))
     assert server.requests == [None, f"bytes={len(data) // 2}-"]
+
+
+def test_disk_full_during_download_names_the_folder(
+    tmp_path: Path, voc_tar: tuple[Path, str], serve: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import builtins
+    import errno
+
+    tar, md5 = voc_tar
+    server = serve(tar.parent)
+    root = tmp_path / "data"
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, fh) -> None:
+            self.fh = fh
+
+        def write(self, block: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.fh.close()
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        fh = real_open(file, mode, *args, **kwargs)
+        return FullDisk(fh) if str(file).endswith(".part") and "b" in mode and "r" not in mode else fh
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    with pytest.raises(DatasetUnavailableError) as info:
+        prepare_voc(root, download=True, url=server.url(VOC_TAR_NAME), md5=md5)
+    assert str(root) in str(info.value) and "No space left" in str(info.value)
+    assert not voc_dir(root).exists()
+
+
+def test_unwritable_folder_is_named(tmp_path: Path, voc_tar: tuple[Path, str], serve: Callable[..., Server]) -> None:
+    tar, md5 = voc_tar
+    server = serve(tar.parent)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # a folder below a file cannot be created, even by root
+    with pytest.raises(DatasetUnavailableError) as info:
+        prepare_voc(blocker / "data", download=True, url=server.url(VOC_TAR_NAME), md5=md5)
+    assert str(blocker) in str(info.value)
