@@ -10,9 +10,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from segvoc.checkpoint import CheckpointError, load_model
+from segvoc.checkpoint import load_model
 from segvoc.data.transforms import val_transform
 from segvoc.data.voc import VOCSegmentation
+from segvoc.errors import SegvocError
 from segvoc.training import evaluate, train
 
 
@@ -89,7 +90,7 @@ def test_tta_and_crop_protocols_run(trained: Path, make_cfg) -> None:
 
 
 def test_class_count_mismatch_is_a_clear_error(trained: Path, make_cfg) -> None:
-    with pytest.raises(CheckpointError, match="21 classes"):
+    with pytest.raises(SegvocError, match="21 classes"):
         evaluate(make_cfg("train=false", f"ckpt_path={trained}", "data.num_classes=5"))
 
 

@@ -64,7 +64,7 @@ def test_resume_continues_steps_and_keeps_best_score(make_cfg) -> None:
     last = run / "checkpoints" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=False)
     assert state["global_step"] == 4
-    best = next(v for k, v in state["callbacks"].items() if k.startswith("ModelCheckpoint"))["best_model_score"]
+    best = next(v for k, v in state["callbacks"].items() if "val/mIoU" in k)["best_model_score"]
     metrics = train(make_cfg("trainer.max_steps=6", f"ckpt_path={last}"))
     resumed = torch.load(last, map_location="cpu", weights_only=False)
     assert resumed["global_step"] == 6

@@ -1,0 +1,367 @@
+"""Crash safety: atomic checkpoint writes, ``kill -9`` then resume, Ctrl-C saves ``last.ckpt`` before stopping."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import pytest
+import torch
+from omegaconf import open_dict
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from segvoc.checkpoint_io import AtomicCheckpointIO
+from segvoc.errors import SegvocError
+from segvoc.training import train
+
+REPO = Path(__file__).resolve().parents[1]
+BASE_LR = 0.01  # conf/optimizer/sgd.yaml
+POLY_STEPS = 100  # scheduler.total_iters, beyond max_steps so that the final learning rate is not 0
+
+
+def poly_lr(step: int) -> float:
+    return BASE_LR * (1 - step / POLY_STEPS) ** 0.9
+
+
+class RecordStep(L.Callback):
+    """Writes the global step to ``path`` after every training step: how far a run got before it was killed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.path.write_text(str(trainer.global_step))
+
+
+class SigintDuring(L.Callback):
+    """Sends SIGINT to this process as training step ``step`` starts (global_step counts finished steps)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step - 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+class SaveAt(L.Callback):
+    """Saves the training state to ``path`` at the end of step ``step``, then stops training."""
+
+    def __init__(self, step: int, path: str) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+def load(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def lr_of(state: dict[str, Any]) -> float:
+    return state["optimizer_states"][0]["param_groups"][0]["lr"]
+
+
+def train_args(voc_root: Path, *overrides: str, num_workers: int = 0) -> list[str]:
+    return [
+        f"data.root={voc_root}",
+        "data.download=false",
+        f"data.num_workers={num_workers}",
+        "data.crop_size=64",
+        "data.batch_size=2",
+        "data.val_batch_size=2",
+        "model.net.pretrained=false",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.val_check_interval=5",
+        f"scheduler.total_iters={POLY_STEPS}",
+        "~callbacks.model_summary",
+        "seed=7",
+        *overrides,
+    ]
+
+
+def start_train(args: list[str], cwd: Path, log: Path, **popen: Any) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, stdout=out, stderr=out, **popen
+        )
+
+
+def wait_until(condition: Callable[[], bool], proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"training ended before the test could interrupt it:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"timed out:\n{log.read_text()[-3000:]}"
+        time.sleep(0.02)
+
+
+def saved_step(path: Path) -> int:
+    """The global step in the checkpoint at ``path``, -1 while there is none."""
+    try:
+        return load(path)["global_step"]
+    except FileNotFoundError:
+        return -1
+
+
+def recorded_step(path: Path) -> int:
+    try:
+        return int(path.read_text())
+    except (FileNotFoundError, ValueError):  # not yet written, or read between truncation and write
+        return -1
+
+
+def temporary_files(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name not in ("best.ckpt", "last.ckpt")]
+
+
+# --- the plugin ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("crash", [RuntimeError, KeyboardInterrupt])
+def test_a_write_that_dies_halfway_leaves_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash: type[BaseException]
+) -> None:
+    plugin = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    plugin.save_checkpoint({"global_step": 1, "w": torch.ones(1000)}, target)
+    previous = target.read_bytes()
+    real_save = torch.save
+
+    def dies_halfway(obj: Any, f: Any) -> None:
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        f.flush()
+        raise crash("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(crash):
+        plugin.save_checkpoint({"global_step": 2, "w": torch.zeros(1000)}, target)
+    assert target.read_bytes() == previous
+    assert os.listdir(tmp_path) == ["last.ckpt"]
+    assert load(target)["global_step"] == 1
+
+
+def test_a_temporary_file_left_by_a_kill_is_never_a_ckpt_and_goes_with_the_next_save(tmp_path: Path) -> None:
+    stale = tmp_path / ".last.ckpt.0badc0de.tmp"  # what a kill -9 during a write leaves
+    stale.write_bytes(b"PK\x03\x04 truncated")
+    other = tmp_path / ".best.ckpt.0badc0de.tmp"
+    other.write_bytes(b"another file's")
+    AtomicCheckpointIO().save_checkpoint({"global_step": 3}, tmp_path / "last.ckpt")
+    assert sorted(os.listdir(tmp_path)) == [other.name, "last.ckpt"]
+    assert load(tmp_path / "last.ckpt")["global_step"] == 3
+    assert oct((tmp_path / "last.ckpt").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_folder_that_cannot_be_made_is_named(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    folder = blocker / "checkpoints"
+    with pytest.raises(SegvocError, match=re.escape(str(folder))):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 1}, folder / "last.ckpt")
+
+
+def test_training_that_cannot_write_its_checkpoints_stops_with_the_folder(make_cfg, tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    folder = blocker / "checkpoints"
+    cfg = make_cfg(
+        "trainer.max_steps=2",
+        f"callbacks.model_checkpoint.dirpath={folder}",
+        f"callbacks.last_checkpoint.dirpath={folder}",
+    )
+    with pytest.raises(SegvocError, match=re.escape(str(folder))):
+        train(cfg)
+
+
+def test_a_full_disk_is_reported_with_the_folder_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(SegvocError, match=re.escape(str(tmp_path))) as info:
+        AtomicCheckpointIO().save_checkpoint({"global_step": 1}, tmp_path / "last.ckpt")
+    assert "No space left" in str(info.value)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_folder_is_named(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(SegvocError, match=re.escape(str(folder))):
+            AtomicCheckpointIO().save_checkpoint({"global_step": 1}, folder / "last.ckpt")
+    finally:
+        folder.chmod(0o700)
+
+
+def test_the_trainer_config_writes_through_the_plugin(make_cfg) -> None:
+    cfg = make_cfg()
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+# --- Ctrl-C, in process: the saved state is exactly that of an uninterrupted run at the same step ---------------
+
+
+@pytest.mark.parametrize("step", [3, 7, 10])  # before the first validation, between two, at one
+def test_ctrl_c_saves_the_state_of_the_finished_step(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: int
+) -> None:
+    common = (
+        "data.crop_size=64",
+        "data.batch_size=2",
+        "trainer.max_steps=15",
+        "trainer.val_check_interval=5",
+        f"scheduler.total_iters={POLY_STEPS}",
+    )
+    written: list[str] = []
+    real_save = AtomicCheckpointIO.save_checkpoint
+
+    def recording_save(self: AtomicCheckpointIO, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
+        written.append(Path(path).name)
+        real_save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", recording_save)
+    sigint_handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):  # Lightning's KeyboardInterrupt shutdown
+            train(
+                make_cfg(
+                    *common,
+                    "+callbacks.sigint._target_=tests.test_crash.SigintDuring",
+                    f"+callbacks.sigint.step={step}",
+                )
+            )
+    finally:
+        signal.signal(signal.SIGINT, sigint_handler)  # Lightning leaves SIGINT ignored
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    interrupted = load(last)
+    assert interrupted["global_step"] == step
+    assert not last.is_symlink() and "last.ckpt" in written
+
+    reference_cfg = make_cfg(
+        *common,
+        "+callbacks.save_at._target_=tests.test_crash.SaveAt",
+        f"+callbacks.save_at.step={step}",
+        f"+callbacks.save_at.path={tmp_path / 'reference.ckpt'}",
+    )
+    with open_dict(reference_cfg):
+        reference_cfg.output_dir = str(tmp_path / "reference")
+    train(reference_cfg)
+    reference = load(tmp_path / "reference.ckpt")
+    assert reference["global_step"] == step
+    assert reference["state_dict"].keys() == interrupted["state_dict"].keys()
+    for name, tensor in reference["state_dict"].items():
+        assert torch.equal(tensor, interrupted["state_dict"][name]), name
+    momentum = [s["momentum_buffer"] for s in reference["optimizer_states"][0]["state"].values()]
+    momentum_interrupted = [s["momentum_buffer"] for s in interrupted["optimizer_states"][0]["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(momentum, momentum_interrupted, strict=True))
+    assert interrupted["lr_schedulers"] == reference["lr_schedulers"]
+    assert interrupted["lr_schedulers"][0]["last_epoch"] == step
+    assert lr_of(interrupted) == pytest.approx(poly_lr(step), rel=1e-9)
+
+    train(make_cfg(*common, f"ckpt_path={last}"))
+    assert load(last)["global_step"] == 15
+    assert sorted(os.listdir(last.parent)) == ["best.ckpt", "last.ckpt"]  # no versioned last-v1.ckpt
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    # validations after steps 5, 10 and 15: none skipped or repeated across the interruption
+    assert [e.step for e in events.Scalars("val/mIoU")] == [4, 9, 14]
+
+
+# --- real processes --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_loses_at_most_one_validation_interval(voc_root: Path, tmp_path: Path) -> None:
+    run, step_file, log = tmp_path / "run", tmp_path / "step", tmp_path / "train.log"
+    last = run / "checkpoints" / "last.ckpt"
+    args = train_args(voc_root, "trainer.max_steps=40")
+    proc = start_train(
+        [
+            *args,
+            f"hydra.run.dir={run}",
+            "+callbacks.record_step._target_=tests.test_crash.RecordStep",
+            f"+callbacks.record_step.path={step_file}",
+        ],
+        tmp_path,
+        log,
+    )
+    try:
+        # between two validations, after at least two checkpoints
+        wait_until(lambda: recorded_step(step_file) % 5 in (2, 3) and saved_step(last) >= 10, proc, log)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    killed_at = recorded_step(step_file)
+    state = load(last)  # complete, not truncated
+    assert 0 < killed_at - state["global_step"] <= 5
+    assert state["lr_schedulers"][0]["last_epoch"] == state["global_step"]
+    assert lr_of(state) == pytest.approx(poly_lr(state["global_step"]), rel=1e-9)
+    assert all(name.startswith(".") and name.endswith(".tmp") for name in temporary_files(last.parent))
+
+    resumed = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args, f"ckpt_path={last}"],  # continues in the same run dir
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = load(last)
+    assert final["global_step"] == 40
+    assert final["lr_schedulers"][0]["last_epoch"] == 40
+    assert lr_of(final) == pytest.approx(poly_lr(40), rel=1e-9)  # what an uninterrupted run ends with
+    assert temporary_files(last.parent) == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_terminal_saves_last_ckpt_and_exits(voc_root: Path, tmp_path: Path) -> None:
+    run, log = tmp_path / "run", tmp_path / "train.log"
+    last = run / "checkpoints" / "last.ckpt"
+    args = train_args(voc_root, "trainer.max_steps=1000", f"hydra.run.dir={run}", num_workers=1)
+    # its own process group, so that the signal reaches the DataLoader worker too, as a terminal's Ctrl-C does
+    proc = start_train(args, tmp_path, log, start_new_session=True)
+    try:
+        wait_until(lambda: saved_step(last) >= 5, proc, log)
+        validated = saved_step(last)
+        os.killpg(proc.pid, signal.SIGINT)
+        returncode = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    output = log.read_text()
+    assert returncode == 1, output[-3000:]
+    state = load(last)
+    assert state["global_step"] > validated
+    assert f"saved {last} at step {state['global_step']}" in output
+    assert "Traceback" not in output
+    assert state["lr_schedulers"][0]["last_epoch"] == state["global_step"]
+    assert lr_of(state) == pytest.approx(poly_lr(state["global_step"]), rel=1e-9)
