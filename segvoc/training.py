@@ -41,6 +41,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
+    datamodule.check_data()
     model: L.LightningModule = hydra.utils.instantiate(cfg.model, save_val_dir=_save_val_dir(cfg))
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
@@ -75,6 +76,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     record_run(cfg.output_dir)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
+    datamodule.check_data([cfg.data.val_split])
     net, meta = load_model(cfg.ckpt_path)
     class_names = list(meta["class_names"])
     if len(class_names) != cfg.data.num_classes:

@@ -131,3 +131,32 @@ def test_run_directory_records_command_versions_and_commit(make_cfg) -> None:
     assert record["packages"]["torch"] == torch.__version__.split("+")[0] or record["packages"]["torch"]
     assert record["command"] and record["python"]
     assert "git_commit" in record and (record["git_commit"] is None or len(record["git_commit"]) == 40)
+
+
+@pytest.fixture
+def broken_root(voc_root: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny VOC tree with one truncated training JPEG."""
+    import shutil
+
+    root = tmp_path / "broken"
+    shutil.copytree(voc_root, root)
+    voc = root / "VOCdevkit" / "VOC2012"
+    first = (voc / "ImageSets/Segmentation/train.txt").read_text().split()[0]
+    jpeg = voc / "JPEGImages" / f"{first}.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:300])
+    return root
+
+
+def test_training_refuses_a_broken_dataset_before_the_first_step(make_cfg, broken_root: Path) -> None:
+    from segvoc.data.check import DatasetCheckError
+
+    cfg = make_cfg(f"data.root={broken_root}")
+    with pytest.raises(DatasetCheckError) as info:
+        train(cfg)
+    assert "data.skip_bad_samples=true" in str(info.value)
+    assert not (Path(cfg.output_dir) / "checkpoints").exists()  # nothing trained
+
+
+def test_skip_bad_samples_trains_without_them(make_cfg, broken_root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    metrics = train(make_cfg(f"data.root={broken_root}", "data.skip_bad_samples=true", "trainer.max_steps=2"))
+    assert "Skipping 1 bad samples" in caplog.text and "train/loss" in metrics

@@ -83,6 +83,8 @@ class VOCDataModule(L.LightningDataModule):
         std: Sequence[float] = IMAGENET_STD,
         num_workers: int | None = None,
         pin_memory: bool | None = None,
+        check: bool = True,
+        skip_bad_samples: bool = False,
     ) -> None:
         super().__init__()
         self.root = Path(root).expanduser()
@@ -101,6 +103,9 @@ class VOCDataModule(L.LightningDataModule):
         self.mean, self.std = tuple(mean), tuple(std)
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.check = check
+        self.skip_bad_samples = skip_bad_samples
+        self.excluded: dict[str, set[str]] = {}
         self.train_set: VOCSegmentation | None = None
         self.val_set: VOCSegmentation | None = None
 
@@ -114,15 +119,33 @@ class VOCDataModule(L.LightningDataModule):
         else:
             prepare_voc(self.root, download=self.download, tar_path=self.tar_path, url=self.url)
 
+    def check_data(self, splits: Sequence[str] | None = None) -> None:
+        """Decode every listed image and mask of ``splits`` (default: train and val) and refuse a broken dataset.
+
+        Raises ``DatasetCheckError`` with every problem found, or, with ``skip_bad_samples``, leaves the bad samples
+        out of the splits and logs which. Does nothing when ``check`` is false.
+        """
+        if not self.check:
+            return
+        from segvoc.data.check import require_usable_dataset
+
+        splits = list(dict.fromkeys(splits or (self.train_split, self.val_split)))
+        self.excluded = require_usable_dataset(self.voc, splits, self.num_classes, skip_bad=self.skip_bad_samples)
+
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", None) and self.train_set is None:
             transform = train_transform(self.crop_size, self.scale_range, self.mean, self.std)
             # Without workers the transform runs here: seed it from torch's generator, which the run's seed sets.
             transform.set_random_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
-            self.train_set = VOCSegmentation(self.voc, self.train_split, transform)
+            self.train_set = VOCSegmentation(
+                self.voc, self.train_split, transform, exclude=self.excluded.get(self.train_split)
+            )
         if stage in ("fit", "validate", None) and self.val_set is None:
             crop = self.crop_size if self.crop_val else None
-            self.val_set = VOCSegmentation(self.voc, self.val_split, val_transform(crop, self.mean, self.std))
+            transform = val_transform(crop, self.mean, self.std)
+            self.val_set = VOCSegmentation(
+                self.voc, self.val_split, transform, exclude=self.excluded.get(self.val_split)
+            )
 
     def _loader(self, dataset: VOCSegmentation, batch_size: int, train: bool) -> DataLoader:
         return DataLoader(

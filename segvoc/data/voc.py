@@ -62,6 +62,7 @@ def read_mask(path: Path) -> np.ndarray:
 class VOCSegmentation(Dataset):
     """Image/mask pairs of one split of a VOC2012 folder.
 
+    Ids in ``exclude`` (samples the dataset check found broken) are left out.
     ``dataset[i]`` returns ``(image, mask)``: the image as the transform leaves it (a normalised float CHW tensor
     with the project's transforms) and the mask as an int64 ``(H, W)`` tensor of class indices, 255 = ignore.
     """
@@ -72,11 +73,12 @@ class VOCSegmentation(Dataset):
         split: str,
         transform: Callable[..., dict[str, Any]] | None = None,
         mask_dir: str = MASK_DIR,
+        exclude: set[str] | None = None,
     ) -> None:
         self.voc = Path(voc)
         self.split = split
         self.transform = transform
-        self.ids = read_split(self.voc, split)
+        self.ids = [i for i in read_split(self.voc, split) if not exclude or i not in exclude]
         self.image_dir = self.voc / IMAGE_DIR
         self.mask_dir = self.voc / mask_dir
 
