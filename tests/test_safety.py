@@ -160,3 +160,17 @@ def test_training_refuses_a_broken_dataset_before_the_first_step(make_cfg, broke
 def test_skip_bad_samples_trains_without_them(make_cfg, broken_root: Path, caplog: pytest.LogCaptureFixture) -> None:
     metrics = train(make_cfg(f"data.root={broken_root}", "data.skip_bad_samples=true", "trainer.max_steps=2"))
     assert "Skipping 1 bad samples" in caplog.text and "train/loss" in metrics
+
+
+def test_unknown_choice_lists_the_available_ones(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "model=deeplabv4"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "deeplabv3plus" in output and "Traceback" not in output
