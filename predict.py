@@ -9,7 +9,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from segvoc.errors import user_error
+from segvoc.errors import exit_on_user_error
 from segvoc.prediction import run
 
 
@@ -18,11 +18,7 @@ def main(cfg: DictConfig) -> None:
     try:
         failed = run(cfg)
     except Exception as exc:
-        error = user_error(exc)
-        if error is None:
-            raise
-        logging.getLogger("segvoc").error("%s", error)
-        sys.exit(1)
+        exit_on_user_error(exc)
     if failed:
         logging.getLogger("segvoc").error("%d file(s) could not be read or written; see the messages above.", failed)
         sys.exit(2)

@@ -1,13 +1,10 @@
 """Train DeepLab on Pascal VOC2012 (`python train.py [experiment=demo] [key=value ...]`), or score a checkpoint
 (`python train.py train=false ckpt_path=...`). See README.md."""
 
-import logging
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from segvoc.errors import user_error
+from segvoc.errors import exit_on_user_error
 from segvoc.rundir import register_resolvers
 from segvoc.training import evaluate, train
 
@@ -21,11 +18,7 @@ def main(cfg: DictConfig) -> float | None:
             return evaluate(cfg)["mean_iou"]
         metrics = train(cfg)
     except Exception as exc:
-        error = user_error(exc)
-        if error is None:
-            raise
-        logging.getLogger("segvoc").error("%s", error)
-        sys.exit(1)
+        exit_on_user_error(exc)
     return metrics.get("best/val/mIoU")  # what a Hydra sweeper optimises
 
 

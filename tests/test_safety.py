@@ -40,18 +40,23 @@ def test_bad_config_values_are_one_clear_line(make_cfg, override: str, names: st
     assert names in message and "\n" not in message
 
 
-def test_bad_value_on_the_command_line_exits_1_without_traceback(tmp_path: Path) -> None:
+def train_cli(tmp_path: Path, *args: str) -> tuple[int, str]:
+    """Run ``train.py args`` in ``tmp_path``; return the exit status and stdout + stderr (Hydra logs to stdout)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "data.crop_size=0"],
+        [sys.executable, str(REPO / "train.py"), *args],
         cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 1 and "data.crop_size=0" in output and "Traceback" not in output
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_bad_value_on_the_command_line_exits_1_without_traceback(tmp_path: Path) -> None:
+    status, output = train_cli(tmp_path, "data.crop_size=0")
+    assert status == 1 and "data.crop_size=0" in output and "Traceback" not in output
 
 
 class Payload:
@@ -163,14 +168,5 @@ def test_skip_bad_samples_trains_without_them(make_cfg, broken_root: Path, caplo
 
 
 def test_unknown_choice_lists_the_available_ones(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "model=deeplabv4"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 1 and "deeplabv3plus" in output and "Traceback" not in output
+    status, output = train_cli(tmp_path, "model=deeplabv4")
+    assert status == 1 and "deeplabv3plus" in output and "Traceback" not in output

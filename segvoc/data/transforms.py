@@ -14,6 +14,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def pad_to(size: int, ignore_index: int = IGNORE_INDEX) -> A.PadIfNeeded:
+    """Pad to at least ``size`` x ``size``: the image with 0, the mask with ``ignore_index``."""
+    return A.PadIfNeeded(
+        min_height=size, min_width=size, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index
+    )
+
+
 def train_transform(
     crop_size: int,
     scale_range: Sequence[float] = (0.5, 2.0),
@@ -29,13 +36,7 @@ def train_transform(
     return A.Compose(
         [
             A.RandomScale(scale_limit=(low - 1.0, high - 1.0), interpolation=cv2.INTER_LINEAR, p=1.0),
-            A.PadIfNeeded(
-                min_height=crop_size,
-                min_width=crop_size,
-                border_mode=cv2.BORDER_CONSTANT,
-                fill=0,
-                fill_mask=ignore_index,
-            ),
+            pad_to(crop_size, ignore_index),
             A.RandomCrop(height=crop_size, width=crop_size),
             A.HorizontalFlip(p=0.5),
             A.Normalize(mean=mean, std=std),
@@ -57,13 +58,7 @@ def val_transform(
     if crop_size is not None:
         crop = [
             A.SmallestMaxSize(max_size=crop_size, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST),
-            A.PadIfNeeded(
-                min_height=crop_size,
-                min_width=crop_size,
-                border_mode=cv2.BORDER_CONSTANT,
-                fill=0,
-                fill_mask=ignore_index,
-            ),
+            pad_to(crop_size, ignore_index),
             A.CenterCrop(height=crop_size, width=crop_size),
         ]
     return A.Compose([*crop, A.Normalize(mean=mean, std=std), ToTensorV2()], strict=True)
