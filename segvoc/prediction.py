@@ -27,6 +27,7 @@ from segvoc.checkpoint import load_model
 from segvoc.data.datamodule import default_num_workers
 from segvoc.errors import SegvocError
 from segvoc.inference import crop_to_sizes, infer
+from segvoc.palette import voc_palette
 from segvoc.visualize import overlay
 
 log = logging.getLogger(__name__)
@@ -147,9 +148,9 @@ def run(cfg: DictConfig) -> int:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     if isinstance(net, torch.nn.Module):
         net = net.to(device).eval()
-    palette = [v for rgb in meta["palette"] for v in rgb]
-    palette += [0] * (768 - len(palette))
-    palette[255 * 3 : 255 * 3 + 3] = [224, 224, 192]
+    colours = voc_palette()  # the checkpoint's class colours first; the rest (255 = boundary) from the VOC map
+    colours[: len(meta["palette"])] = meta["palette"]
+    palette = colours.flatten().tolist()
     output = Path(cfg.output)
     for sub in (
         [Path(".")]

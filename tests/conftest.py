@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +16,8 @@ from segvoc.data.demo import make_demo_voc
 from segvoc.rundir import register_resolvers
 
 register_resolvers()
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = str(REPO / "conf")
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +60,13 @@ def make_cfg(voc_root: Path, tmp_path: Path) -> Callable[..., DictConfig]:
         return cfg
 
     return factory
+
+
+def run_script(script: str, args: list[str], cwd: Path, timeout: int = 600) -> tuple[int, str]:
+    """Run ``<repo>/<script> args`` as a user would, in ``cwd``; return the exit status and stdout + stderr
+    (Hydra's log handler writes to stdout)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    return proc.returncode, proc.stdout + proc.stderr

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +11,8 @@ import torch
 from segvoc.checkpoint import CheckpointError, load_model, read_checkpoint
 from segvoc.config import ConfigError
 from segvoc.training import evaluate, train
+from tests.conftest import run_script
 from tests.test_train import scalars
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -40,22 +36,8 @@ def test_bad_config_values_are_one_clear_line(make_cfg, override: str, names: st
     assert names in message and "\n" not in message
 
 
-def train_cli(tmp_path: Path, *args: str) -> tuple[int, str]:
-    """Run ``train.py args`` in ``tmp_path``; return the exit status and stdout + stderr (Hydra logs to stdout)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    return proc.returncode, proc.stdout + proc.stderr
-
-
 def test_bad_value_on_the_command_line_exits_1_without_traceback(tmp_path: Path) -> None:
-    status, output = train_cli(tmp_path, "data.crop_size=0")
+    status, output = run_script("train.py", ["data.crop_size=0"], cwd=tmp_path)
     assert status == 1 and "data.crop_size=0" in output and "Traceback" not in output
 
 
@@ -99,22 +81,10 @@ def test_prediction_refuses_a_malicious_checkpoint(malicious, tmp_path: Path) ->
 
     path, marker = malicious
     Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "predict.py"),
-            f"ckpt={path}",
-            f"input={tmp_path / 'a.png'}",
-            f"output={tmp_path / 'out'}",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    status, output = run_script(
+        "predict.py", [f"ckpt={path}", f"input={tmp_path / 'a.png'}", f"output={tmp_path / 'out'}"], cwd=tmp_path
     )
-    assert proc.returncode == 1 and "pickled" in proc.stdout + proc.stderr
+    assert status == 1 and "pickled" in output
     assert not marker.exists()
 
 
@@ -168,5 +138,5 @@ def test_skip_bad_samples_trains_without_them(make_cfg, broken_root: Path, caplo
 
 
 def test_unknown_choice_lists_the_available_ones(tmp_path: Path) -> None:
-    status, output = train_cli(tmp_path, "model=deeplabv4")
+    status, output = run_script("train.py", ["model=deeplabv4"], cwd=tmp_path)
     assert status == 1 and "deeplabv3plus" in output and "Traceback" not in output

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +11,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from segvoc.training import train
-from tests.conftest import compose_config
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import compose_config, run_script
 
 
 def scalars(run_dir: Path) -> dict[str, list[float]]:
@@ -137,29 +132,18 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run_train(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 def test_train_without_data_or_network_ends_with_a_clear_message(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{_closed_port()}/VOCtrainval_11-May-2012.tar"
-    proc = _run_train([f"data.root={tmp_path / 'data'}", f"data.url={url}"], cwd=tmp_path)
-    assert proc.returncode == 1
-    assert "data.root" in proc.stderr + proc.stdout and "data.tar_path" in proc.stderr + proc.stdout
-    assert "Traceback" not in proc.stderr
+    status, output = run_script("train.py", [f"data.root={tmp_path / 'data'}", f"data.url={url}"], cwd=tmp_path)
+    assert status == 1
+    assert "data.root" in output and "data.tar_path" in output
+    assert "Traceback" not in output
 
 
 @pytest.mark.slow
 def test_multirun_writes_one_directory_per_job(voc_root: Path, tmp_path: Path) -> None:
-    proc = _run_train(
+    status, output = run_script(
+        "train.py",
         [
             "-m",
             "optimizer.lr=0.01,0.005",
@@ -176,7 +160,7 @@ def test_multirun_writes_one_directory_per_job(voc_root: Path, tmp_path: Path) -
         ],
         cwd=tmp_path,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert status == 0, output[-3000:]
     jobs = sorted(p.parent.parent for p in (tmp_path / "outputs" / "multirun").rglob("checkpoints/last.ckpt"))
     assert len(jobs) == 2 and jobs[0] != jobs[1]
     assert all((job / "tensorboard").is_dir() for job in jobs)
