@@ -87,3 +87,17 @@ def record_run(output_dir: str | Path, argv: list[str] | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2))
     return path
+
+
+def record_result(output_dir: str | Path, result: dict) -> Path:
+    """Write ``<output_dir>/result.json`` when training ends: ``global_step``, the last logged ``metrics`` and, when
+    a checkpoint callback monitored a metric, ``monitor``, ``best_score`` and ``best_checkpoint``.
+
+    Sweep summaries read it; a resumed run overwrites it with the figures of the whole run.
+    """
+    import json
+
+    path = Path(output_dir) / "result.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    return path

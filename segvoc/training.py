@@ -18,7 +18,7 @@ from rich.table import Table
 from segvoc.checkpoint import CheckpointError, load_model
 from segvoc.config import validate_config
 from segvoc.models.module import SegmentationModule
-from segvoc.rundir import record_run
+from segvoc.rundir import record_result, record_run
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     The config is validated and the dataset prepared (found, extracted, downloaded or generated) before the model
     is built, so a bad value or a missing dataset is reported before anything slow happens; ``<run>/run.json``
     records the command line, package versions and git commit. Returns the trainer's last logged metrics as floats, plus
-    ``best/val/mIoU`` when a checkpoint callback monitored it.
+    ``best/val/mIoU`` when a checkpoint callback monitored it; the same goes to ``<run>/result.json``.
     """
     validate_config(cfg)
     record_run(cfg.output_dir)
@@ -57,8 +57,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     checkpoint = trainer.checkpoint_callback
+    result: dict[str, Any] = {"global_step": trainer.global_step, "metrics": metrics}
     if checkpoint is not None and checkpoint.best_model_score is not None:
         metrics[f"best/{checkpoint.monitor}"] = float(checkpoint.best_model_score)
+        result.update(
+            monitor=checkpoint.monitor,
+            best_score=float(checkpoint.best_model_score),
+            best_checkpoint=checkpoint.best_model_path,
+        )
+    if trainer.is_global_zero:
+        record_result(cfg.output_dir, result)
     return metrics
 
 
