@@ -1,11 +1,13 @@
 """Train DeepLab on Pascal VOC2012 (`python train.py [experiment=demo] [key=value ...]`), or score a checkpoint
 (`python train.py train=false ckpt_path=...`). See README.md."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from segvoc.errors import exit_on_user_error
-from segvoc.rundir import register_resolvers
+from segvoc.rundir import follow_rank_zero, register_resolvers
 from segvoc.training import evaluate, train
 
 register_resolvers()
@@ -23,4 +25,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    try:
+        sys.argv = follow_rank_zero(sys.argv)  # ranks > 0 under torchrun / srun: into rank 0's run directory
+    except Exception as exc:
+        exit_on_user_error(exc)
     main()

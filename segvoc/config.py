@@ -1,17 +1,33 @@
 """Start-up validation of a composed config: every value a user can get wrong, one clear line each, before any
-data is read or any model is built."""
+data is read or any model is built.
+
+Importing this module registers the ``${len:...}`` resolver, with which ``conf/data/custom.yaml`` derives
+``num_classes`` from ``classes``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from segvoc.data.download import VOC_MEMBER
+from segvoc.data.voc import IMAGE_DIR, MASK_DIR, SPLIT_DIR
 from segvoc.errors import SegvocError
 
 
 class ConfigError(SegvocError):
     """A config value that cannot work."""
+
+
+def register_config_resolvers() -> None:
+    """Make ``${len:<list>}`` (the number of items) available to configs; idempotent."""
+    if not OmegaConf.has_resolver("len"):
+        OmegaConf.register_new_resolver("len", len)
+
+
+register_config_resolvers()
 
 
 def _positive(cfg: DictConfig, key: str, kind: type = int) -> None:
@@ -33,14 +49,15 @@ def _positive(cfg: DictConfig, key: str, kind: type = int) -> None:
 def validate_config(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` for the first value of ``cfg`` (the train config) that cannot work.
 
-    Checks sizes, learning rate, steps, output stride, class counts (data vs model, and vs the checkpoint when
-    resuming or evaluating) and that a given ``ckpt_path`` exists and is a safe checkpoint.
+    Checks the dataset's classes, palette, ignore index and folder (``validate_data``), sizes, learning rate,
+    steps, output stride, class counts (data vs model, and vs the checkpoint when resuming or evaluating), that a
+    given ``ckpt_path`` exists and is a safe checkpoint, and that a given ``model.net.init_from`` exists.
     """
+    validate_data(cfg)
     for key in (
         "data.crop_size",
         "data.batch_size",
         "data.val_batch_size",
-        "data.num_classes",
         "trainer.max_steps",
         "trainer.val_check_interval",
     ):
@@ -51,14 +68,22 @@ def validate_config(cfg: DictConfig) -> None:
     if stride is not None and stride not in (8, 16):
         raise ConfigError(f"model.net.output_stride={stride} is not supported: use 16 (ASPP rates 6/12/18) or 8.")
     num_classes = cfg.data.num_classes
-    for key, value in (
-        ("model.num_classes", cfg.model.get("num_classes")),
-        ("model.net.num_classes", net.get("num_classes")),
+    for key, value, data_key in (
+        ("model.num_classes", cfg.model.get("num_classes"), "num_classes"),
+        ("model.net.num_classes", net.get("num_classes"), "num_classes"),
+        ("model.ignore_index", cfg.model.get("ignore_index"), "ignore_index"),
     ):
-        if value is not None and value != num_classes:
+        if value is not None and value != cfg.data.get(data_key):
             raise ConfigError(
-                f"{key}={value} disagrees with data.num_classes={num_classes}; leave it at ${{data.num_classes}}."
+                f"{key}={value} disagrees with data.{data_key}={cfg.data.get(data_key)}; leave it at "
+                f"${{data.{data_key}}}."
             )
+    init_from = net.get("init_from")
+    if init_from and not Path(str(init_from)).expanduser().is_file():
+        raise ConfigError(
+            f"model.net.init_from={init_from} does not exist; give the segvoc checkpoint (.ckpt) or seed tool "
+            "checkpoint (.pth) to fine-tune from, or leave model.net.init_from=null."
+        )
     if cfg.get("ckpt_path"):
         from segvoc.checkpoint import read_checkpoint
 
@@ -75,3 +100,110 @@ def validate_config(cfg: DictConfig) -> None:
                 f"{path} was trained for {ckpt_classes} classes but data.num_classes={num_classes}; "
                 "use data with the checkpoint's classes."
             )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_data(cfg: DictConfig) -> None:
+    """Raise ``ConfigError`` when the dataset described by ``cfg.data`` (train or check config) cannot work.
+
+    ``data.classes`` (null: VOC's names for 21 classes, ``class_<i>`` otherwise) must be distinct names, as many as
+    ``data.num_classes``; ``data.palette`` (null: the VOC colour map) one ``[R, G, B]`` of 0..255 per class;
+    ``data.ignore_index`` an 8-bit mask value that is not a class index. A tree outside ``VOCdevkit/VOC2012``
+    (``data.subdir``; ``data=custom`` reads ``data.root`` itself) is never downloaded or generated, so it must exist.
+    """
+    data = cfg.data
+    if OmegaConf.is_missing(data, "root"):
+        raise ConfigError(
+            "data.root is not set: give the folder of your dataset, the one that holds JPEGImages, "
+            "SegmentationClass and ImageSets/Segmentation, e.g. data.root=/data/cracks."
+        )
+    if OmegaConf.is_missing(data, "classes"):
+        raise ConfigError(
+            "data.classes is not set: a dataset of your own (data=custom) names its classes in index order, mask "
+            "value 0 first, e.g. data.classes=[background,crack,rust]."
+        )
+    classes = data.get("classes")
+    if classes is not None:
+        if not isinstance(classes, ListConfig | list) or not classes:
+            raise ConfigError(
+                f"data.classes={classes} is not a list of class names; give them in index order, e.g. "
+                "data.classes=[background,crack,rust]."
+            )
+        for index, name in enumerate(classes):
+            if not isinstance(name, str) or not name.strip():
+                raise ConfigError(
+                    f"data.classes[{index}]={name!r} is not a class name: every class needs a non-empty name "
+                    "(quote names that look like numbers, e.g. data.classes='[background,\"1\"]')."
+                )
+        repeated = sorted({name for name in classes if list(classes).count(name) > 1})
+        if repeated:
+            raise ConfigError(
+                f"data.classes lists {', '.join(map(repr, repeated))} more than once; every class needs a distinct "
+                "name (they label the val/iou/<class> metrics and the checkpoint's classes)."
+            )
+    _positive(cfg, "data.num_classes")
+    num_classes = data.num_classes
+    if classes is not None and len(classes) != num_classes:
+        raise ConfigError(
+            f"data.classes names {len(classes)} classes but data.num_classes={num_classes}; set "
+            f"data.num_classes={len(classes)} (data=custom derives it from data.classes)."
+        )
+    palette = data.get("palette")
+    if palette is not None:
+        is_list = isinstance(palette, ListConfig | list)
+        if not is_list or len(palette) != num_classes:
+            what = f" has {len(palette)} colours for {num_classes} classes" if is_list else f"={palette} is not a list"
+            raise ConfigError(
+                f"data.palette{what}; give one [R, G, B] per class in class order, e.g. "
+                "data.palette=[[0,0,0],[255,0,0],[0,0,255]], or leave data.palette=null for the VOC colours."
+            )
+        for index, colour in enumerate(palette):
+            if not (
+                isinstance(colour, ListConfig | list)
+                and len(colour) == 3
+                and all(_is_int(v) and 0 <= v <= 255 for v in colour)
+            ):
+                shown = list(colour) if isinstance(colour, ListConfig) else colour
+                raise ConfigError(
+                    f"data.palette[{index}]={shown} is not a colour: each entry is [R, G, B], three whole numbers "
+                    "0..255."
+                )
+    ignore = data.get("ignore_index", 255)
+    if num_classes > 255:
+        raise ConfigError(
+            f"data.num_classes={num_classes} is more than masks can hold: masks are 8-bit PNGs, so at most 255 "
+            "classes (0..254) and an ignore label fit."
+        )
+    if not _is_int(ignore) or not 0 <= ignore <= 255 or ignore < num_classes:
+        raise ConfigError(
+            f"data.ignore_index={ignore} is not valid: it must be the 8-bit mask value (0..255) of pixels without a "
+            f"class, outside the class indices 0..{num_classes - 1}; 255, as in VOC, is usual."
+        )
+    _validate_tree(data)
+
+
+def _validate_tree(data: DictConfig) -> None:
+    """A tree outside ``VOCdevkit/VOC2012`` is used where it is: it must exist, and nothing may try to make it."""
+    subdir = str(data.get("subdir", VOC_MEMBER))
+    if Path(subdir) == Path(VOC_MEMBER):
+        return
+    for key in ("demo", "tar_path"):
+        if data.get(key):
+            value = "true" if data.get(key) is True else data.get(key)
+            raise ConfigError(
+                f"data.{key}={value} puts Pascal VOC2012 into <root>/{VOC_MEMBER}, but data.subdir='{subdir}' "
+                f"reads another folder; leave data.subdir={VOC_MEMBER} for VOC, or drop data.{key} for your own data."
+            )
+    tree = Path(str(data.root)).expanduser() / subdir
+    required = (IMAGE_DIR, data.get("mask_dir", MASK_DIR), str(SPLIT_DIR))
+    missing = [name for name in required if not (tree / name).is_dir()]
+    if missing:
+        where = f"data.root={data.root}" + (f" (data.subdir={subdir})" if subdir else "")
+        raise ConfigError(
+            f"{where} does not hold a dataset in VOC layout: {tree} lacks {', '.join(missing)}. Point data.root at "
+            f"the folder that holds {IMAGE_DIR}/<id>.jpg, {required[1]}/<id>.png and {SPLIT_DIR}/<split>.txt; a "
+            "dataset of your own is never downloaded."
+        )

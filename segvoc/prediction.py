@@ -1,8 +1,8 @@
 """Turning image files into masks: reading any image mode, batched inference, writing the requested formats.
 
 ``run(cfg)`` is the body of ``predict.py``. Files are read by DataLoader workers, run through
-``segvoc.inference.infer`` in padded batches, and written by a thread pool while the next batch is computed. An
-unreadable file is reported and skipped; the others are still written.
+``segvoc.inference.infer`` in batches of same-size images, and written by a thread pool while the next batch is
+computed. An unreadable file is reported and skipped; the others are still written.
 """
 
 from __future__ import annotations
@@ -25,9 +25,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from segvoc.checkpoint import load_model
 from segvoc.data.datamodule import default_num_workers
+from segvoc.data.sampler import SizeGroupedBatchSampler
+from segvoc.data.transforms import normalize
+from segvoc.data.voc import displayed_size
 from segvoc.errors import SegvocError
 from segvoc.inference import crop_to_sizes, infer
-from segvoc.palette import voc_palette
+from segvoc.palette import IGNORE_INDEX, lookup_table
 from segvoc.visualize import overlay
 
 log = logging.getLogger(__name__)
@@ -73,12 +76,10 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 class ImageFiles(Dataset):
-    """``dataset[i]`` is ``(normalised CHW tensor or None, i, error message or None)``."""
+    """``dataset[i]`` is ``(uint8 RGB (3, H, W) tensor or None, i, error message or None)``."""
 
-    def __init__(self, files: Sequence[Path], mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, files: Sequence[Path]) -> None:
         self.files = list(files)
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -88,8 +89,7 @@ class ImageFiles(Dataset):
             rgb = read_rgb(self.files[index])
         except Exception as exc:  # noqa: BLE001 - any unreadable file is reported and skipped, never fatal
             return None, index, f"{type(exc).__name__}: {exc}"
-        image = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255)
-        return (image - self.mean) / self.std, index, None
+        return torch.from_numpy(rgb).permute(2, 0, 1), index, None
 
 
 def collate(items: Sequence[tuple[torch.Tensor | None, int, str | None]]) -> dict[str, Any]:
@@ -134,7 +134,8 @@ def write_outputs(
         if "voc" in formats:
             coloured.save(output / VOC_RESULTS / f"{stem}.png")
     if "overlay" in formats:
-        Image.fromarray(overlay(read_rgb(rgb_path), mask)).save(output / "overlay" / f"{stem}.jpg", quality=92)
+        blended = overlay(read_rgb(rgb_path), mask, palette=palette)
+        Image.fromarray(blended).save(output / "overlay" / f"{stem}.jpg", quality=92)
 
 
 def run(cfg: DictConfig) -> int:
@@ -148,9 +149,8 @@ def run(cfg: DictConfig) -> int:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     if isinstance(net, torch.nn.Module):
         net = net.to(device).eval()
-    colours = voc_palette()  # the checkpoint's class colours first; the rest (255 = boundary) from the VOC map
-    colours[: len(meta["palette"])] = meta["palette"]
-    palette = colours.flatten().tolist()
+    # the checkpoint's class colours first; the rest (the ignore index: boundary cream) from the VOC map
+    palette = lookup_table(meta["palette"], meta.get("ignore_index", IGNORE_INDEX)).flatten().tolist()
     output = Path(cfg.output)
     for sub in (
         [Path(".")]
@@ -163,14 +163,17 @@ def run(cfg: DictConfig) -> int:
         log.warning("Several inputs share a file name stem; later masks overwrite earlier ones of the same name.")
 
     workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
+    # batches of one image size: no padding, so a mask never depends on the other images of its batch
+    sizes = [displayed_size(f) or (-1 - i, 0) for i, f in enumerate(files)]  # unreadable: a batch of its own
     loader = DataLoader(
-        ImageFiles(files, meta["mean"], meta["std"]),
-        batch_size=cfg.batch_size,
+        ImageFiles(files),
+        batch_sampler=SizeGroupedBatchSampler(sizes, cfg.batch_size),
         num_workers=workers,
         collate_fn=collate,
         pin_memory=device.type == "cuda",
     )
     inference = OmegaConf.to_container(cfg.inference)
+    norm = [torch.tensor(meta[key], device=device) for key in ("mean", "std")]
     failures: list[tuple[Path, str]] = []
     pending: list[Future] = []
     with ThreadPoolExecutor(max_workers=2) as writer, Progress() as progress, torch.inference_mode():
@@ -178,7 +181,8 @@ def run(cfg: DictConfig) -> int:
         for batch in loader:
             failures += [(files[i], error) for i, error in batch["failed"]]
             if batch["images"] is not None:
-                logits = infer(net, batch["images"].to(device, non_blocking=True), **inference)
+                images = normalize(batch["images"].to(device, non_blocking=True), *norm)
+                logits = infer(net, images, **inference)
                 preds = logits.argmax(dim=1).to(torch.uint8).cpu()
                 for index, pred in zip(batch["indices"], crop_to_sizes(preds, batch["sizes"]), strict=True):
                     mask = pred.numpy()

@@ -1,10 +1,22 @@
-"""Where a run writes: resuming from ``<run>/checkpoints/last.ckpt`` continues in ``<run>``."""
+"""Where a run writes: resuming from ``<run>/checkpoints/last.ckpt`` continues in ``<run>``, and every process of a
+distributed run writes into the run directory of rank 0."""
 
 from __future__ import annotations
 
+import os
+import sys
+from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import OmegaConf
+
+from segvoc.errors import SegvocError
+
+if TYPE_CHECKING:
+    import lightning as L
+    from lightning.fabric.plugins.environments import ClusterEnvironment
+    from torch.distributed import TCPStore
 
 
 def resume_run_dir(ckpt_path: str | None, default: str) -> str:
@@ -101,3 +113,111 @@ def record_result(output_dir: str | Path, result: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     return path
+
+
+# How long ranks > 0 started by torchrun / srun wait for rank 0 to announce its run directory (torch.distributed's
+# default timeout).
+FOLLOW_TIMEOUT = timedelta(minutes=30)
+_stores: dict[tuple[str, int], TCPStore] = {}  # rank 0's store server must outlive the announcement
+
+
+def external_launch() -> ClusterEnvironment | None:
+    """The cluster environment when torchrun or SLURM's srun started this process as one of several, else ``None``.
+
+    Detected as Lightning detects them (torchrun first: it also runs inside SLURM jobs). The processes that
+    Lightning's own launcher starts for ``trainer.devices=N`` are not included: Lightning gives them their run
+    directory on the command line.
+    """
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    for kind in (TorchElasticEnvironment, SLURMEnvironment):
+        if kind.detect():
+            environment = kind()
+            return environment if environment.world_size() > 1 else None
+    return None
+
+
+def _launch_store(environment: ClusterEnvironment) -> TCPStore:
+    """The key-value store at the launch's main address and port, the one ``torch.distributed`` uses next.
+
+    torchrun's agent serves it (``TORCHELASTIC_USE_AGENT_STORE``); otherwise rank 0 starts the server, shared
+    (``multi_tenant``) with the one ``torch.distributed`` starts on the same port in the same process.
+    """
+    from torch.distributed import TCPStore
+
+    address, port = environment.main_address, environment.main_port
+    if (address, port) not in _stores:
+        serve = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and environment.global_rank() == 0
+        _stores[address, port] = TCPStore(
+            address, port, is_master=serve, timeout=FOLLOW_TIMEOUT, multi_tenant=True, wait_for_workers=False
+        )
+    return _stores[address, port]
+
+
+def _announcement_key() -> str:
+    # torchrun restarts failed workers with a new restart count; each attempt announces its own directory
+    return f"segvoc/run_dir/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def _hydra_dir_override() -> str | None:
+    """``hydra.run.dir=<this run's directory>``, or ``hydra.sweep.dir=<this sweep's directory>`` under ``-m``
+    (absolute, quoted as Lightning quotes it); ``None`` outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from hydra.utils import to_absolute_path
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return f'hydra.sweep.dir="{to_absolute_path(hydra_cfg.sweep.dir)}"'
+    return f'hydra.run.dir="{hydra_cfg.runtime.output_dir}"'
+
+
+def follow_rank_zero(argv: list[str]) -> list[str]:
+    """The command line to run: ``argv``, plus, on ranks > 0 started by torchrun or srun, the overrides that put
+    them into rank 0's run directory. Call it before Hydra reads the command line.
+
+    Every such process composes its own ``${now:...}`` directory name; ranks > 0 instead wait (``FOLLOW_TIMEOUT``)
+    for rank 0 to announce its directory (``share_run_dir``) through the launch's key-value store, then get what
+    Lightning gives the processes it starts itself: rank 0's ``hydra.run.dir`` (``hydra.sweep.dir`` under ``-m``,
+    whose jobs they run in step with rank 0), ``hydra.output_subdir=null`` (rank 0 alone records the config) and
+    ``hydra.job.name=train_ddp_process_<rank>`` (their log file, beside rank 0's ``train.log``).
+    """
+    environment = external_launch()
+    if environment is None or environment.global_rank() == 0:
+        return argv
+    rank = environment.global_rank()
+    try:
+        override = _launch_store(environment).get(_announcement_key()).decode()
+    except RuntimeError as exc:  # torch's DistStoreError: no store there, or no announcement in time
+        raise SegvocError(
+            f"Process {rank} of {environment.world_size()} found no run directory from rank 0 at "
+            f"{environment.main_address}:{environment.main_port} within {FOLLOW_TIMEOUT} ({exc}). Rank 0 stopped "
+            "before its run started (see its output) or never started; with srun, add --kill-on-bad-exit=1 so "
+            "that the other processes stop with it."
+        ) from exc
+    return [*argv, override, "hydra.output_subdir=null", f"hydra.job.name=train_ddp_process_{rank}"]
+
+
+def share_run_dir(trainer: L.Trainer) -> None:
+    """Make the other processes of a distributed run write into this run's directory. Call it in every process
+    once the trainer exists, before ``fit``/``validate`` and before anything slow.
+
+    Started by torchrun or srun, rank 0 announces its ``hydra.run.dir`` (``hydra.sweep.dir`` under ``-m``) to
+    ``follow_rank_zero`` of the other ranks. Under Lightning's own launcher (``trainer.devices=N``) the processes
+    of ranks > 0 are re-runs of ``sys.argv`` with rank 0's ``hydra.run.dir`` added; under ``-m`` they run the same
+    sweep in step with this process, so ``hydra.sweep.dir`` is added to ``sys.argv`` (once) for their jobs to land
+    in this sweep's job folders instead of a sweep folder of their own. Does nothing in a single process.
+    """
+    if trainer.world_size == 1 or trainer.global_rank != 0:
+        return
+    override = _hydra_dir_override()
+    if override is None:
+        return
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if environment is not None and environment.creates_processes_externally:
+        if external_launch() is not None:
+            _launch_store(environment).set(_announcement_key(), override)
+    elif override.startswith("hydra.sweep.dir=") and override not in sys.argv:
+        sys.argv.append(override)

@@ -11,20 +11,41 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import ParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from segvoc.checkpoint import CheckpointError, load_model
-from segvoc.config import validate_config
+from segvoc.config import ConfigError, validate_config
 from segvoc.models.module import SegmentationModule
-from segvoc.rundir import record_result, record_run
+from segvoc.rundir import record_result, record_run, share_run_dir
 
 log = logging.getLogger(__name__)
 
 
 def _save_val_dir(cfg: DictConfig) -> str | None:
     return str(Path(cfg.output_dir) / "val_results") if cfg.get("save_val_results") else None
+
+
+def _prepare_and_check(datamodule: L.LightningDataModule, trainer: L.Trainer, cfg: DictConfig, *splits: str) -> None:
+    """Prepare and check the dataset up front, once per run: ``prepare_data`` on each node's first process (the
+    others wait for it inside ``fit``/``validate``, as Lightning makes them), the full check on rank 0 only, unless
+    ``data.skip_bad_samples`` makes its result (which samples to leave out) needed in every process."""
+    if trainer.local_rank == 0:
+        datamodule.prepare_data()
+    if trainer.is_global_zero or cfg.data.get("skip_bad_samples"):
+        datamodule.check_data(list(splits) or None)
+
+
+def _require_gpus_for_sync_batchnorm(cfg: DictConfig, trainer: L.Trainer) -> None:
+    # DDP converts BatchNorm to SyncBatchNorm for fitting, which PyTorch refuses on a CPU (with a traceback)
+    parallel = isinstance(trainer.strategy, ParallelStrategy)
+    if cfg.trainer.get("sync_batchnorm") and parallel and trainer.strategy.root_device.type == "cpu":
+        raise ConfigError(
+            "trainer.sync_batchnorm=true needs GPUs: PyTorch's SyncBatchNorm does not run on a CPU. Add "
+            "trainer.sync_batchnorm=false to train with several CPU processes."
+        )
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -36,16 +57,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ``best/val/mIoU`` when a checkpoint callback monitored it; the same goes to ``<run>/result.json``.
     """
     validate_config(cfg)
-    record_run(cfg.output_dir)
-    L.seed_everything(cfg.seed, workers=True)
-
-    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.check_data()
-    model: L.LightningModule = hydra.utils.instantiate(cfg.model, save_val_dir=_save_val_dir(cfg))
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    _require_gpus_for_sync_batchnorm(cfg, trainer)
+    share_run_dir(trainer)
+    if trainer.is_global_zero:
+        record_run(cfg.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    _prepare_and_check(datamodule, trainer, cfg)
+    model: L.LightningModule = hydra.utils.instantiate(cfg.model, save_val_dir=_save_val_dir(cfg))
 
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     for logger in loggers:
@@ -81,10 +104,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.ckpt_path:
         raise CheckpointError("train=false evaluates a checkpoint: give it with ckpt_path=/path/to/model.ckpt.")
     validate_config(cfg)
-    record_run(cfg.output_dir)
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
+    share_run_dir(trainer)
+    if trainer.is_global_zero:
+        record_run(cfg.output_dir)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.check_data([cfg.data.val_split])
+    _prepare_and_check(datamodule, trainer, cfg, cfg.data.val_split)
     net, meta = load_model(cfg.ckpt_path)
     class_names = list(meta["class_names"])
     if len(class_names) != cfg.data.num_classes:
@@ -100,8 +126,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         num_val_images=cfg.model.num_val_images,
         save_val_dir=_save_val_dir(cfg),
     )
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
     trainer.validate(model, datamodule=datamodule, verbose=False)
 
     report = evaluation_report(model.val_scores, class_names)
@@ -110,6 +134,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "crop_val": bool(cfg.data.crop_val),
         **OmegaConf.to_container(cfg.model.inference),
     }
+    if not trainer.is_global_zero:  # the scores are those of the whole split in every process
+        return report
     path = Path(cfg.output_dir) / "eval.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))

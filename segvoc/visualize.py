@@ -1,4 +1,5 @@
-"""Pictures of predictions: VOC-palette masks, overlays, side-by-side panels, confusion matrices (uint8 RGB)."""
+"""Pictures of predictions (uint8 RGB): masks in a dataset's class colours (VOC's by default), overlays,
+side-by-side panels, confusion matrices."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from segvoc.palette import IGNORE_INDEX, colorize
+from segvoc.palette import IGNORE_INDEX, Palette, colorize
 
 
 def denormalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -18,19 +19,36 @@ def denormalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]
     return rgb.permute(1, 2, 0).cpu().numpy()
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend the VOC colours of ``mask`` over ``image``; background (0) and ignore (255) pixels stay as they are."""
-    coloured = colorize(mask).astype(np.float32)
+def overlay(
+    image: np.ndarray,
+    mask: np.ndarray,
+    alpha: float = 0.5,
+    palette: Palette | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> np.ndarray:
+    """Blend the class colours of ``mask`` (``palette``; None: VOC's) over ``image``; class 0 (background) and
+    ``ignore_index`` pixels stay as they are."""
+    coloured = colorize(mask, palette, ignore_index).astype(np.float32)
     blend = image.astype(np.float32)
-    objects = (mask != 0) & (mask != IGNORE_INDEX)
+    objects = (mask != 0) & (mask != ignore_index)
     blend[objects] = (1 - alpha) * blend[objects] + alpha * coloured[objects]
     return blend.round().astype(np.uint8)
 
 
-def panel(image: np.ndarray, target: np.ndarray | None, prediction: np.ndarray) -> np.ndarray:
-    """``image | ground truth | prediction | overlay`` side by side (ground truth left out when ``None``)."""
-    parts = [image] + ([colorize(target)] if target is not None else [])
-    parts += [colorize(prediction), overlay(image, prediction)]
+def panel(
+    image: np.ndarray,
+    target: np.ndarray | None,
+    prediction: np.ndarray,
+    palette: Palette | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> np.ndarray:
+    """``image | ground truth | prediction | overlay`` side by side (ground truth left out when ``None``), masks in
+    the class colours ``palette`` (None: VOC's) with ``ignore_index`` pixels in the VOC boundary cream."""
+    parts = [image] + ([colorize(target, palette, ignore_index)] if target is not None else [])
+    parts += [
+        colorize(prediction, palette, ignore_index),
+        overlay(image, prediction, palette=palette, ignore_index=ignore_index),
+    ]
     return np.concatenate(parts, axis=1)
 
 

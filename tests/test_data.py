@@ -4,13 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import albumentations as A
+import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from segvoc.data.datamodule import VOCDataModule, pad_collate
-from segvoc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform, val_transform
+from segvoc.data.sampler import SizeGroupedBatchSampler
+from segvoc.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RandomScaleCrop,
+    normalize,
+    train_transform,
+    val_transform,
+)
 from segvoc.data.voc import VOCSegmentation, read_mask
 from segvoc.errors import SegvocError
 
@@ -24,18 +34,13 @@ def blocky_pair(rng: np.random.Generator, height: int, width: int) -> tuple[np.n
     return COLOURS[mask], mask
 
 
-def denormalise(image: torch.Tensor) -> np.ndarray:
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    return ((image * std + mean) * 255).permute(1, 2, 0).numpy()
-
-
 def test_train_transform_keeps_image_and_mask_aligned() -> None:
     rng = np.random.default_rng(0)
     transform = train_transform(crop_size=64)
     for _ in range(20):
         image, mask = blocky_pair(rng, 75, 100)
         out = transform(image=image, mask=mask)
-        img, msk = denormalise(out["image"]), out["mask"].numpy()
+        img, msk = out["image"].astype(np.float64), out["mask"]
         assert img.shape == (64, 64, 3) and msk.shape == (64, 64) and msk.dtype == np.uint8
         # interior pixels (same label in a 5x5 window) must carry their class's colour
         for cls, colour in enumerate(COLOURS):
@@ -54,18 +59,60 @@ def test_padding_fills_the_mask_with_255_and_the_image_with_0() -> None:
     transform = train_transform(crop_size=96, scale_range=(1.0, 1.0))
     image, mask = blocky_pair(rng, 40, 50)
     out = transform(image=image, mask=mask)
-    img, msk = denormalise(out["image"]), out["mask"].numpy()
+    img, msk = out["image"], out["mask"]
     padded = msk == 255
     assert padded.sum() == 96 * 96 - 40 * 50
-    assert np.abs(img[padded]).max() < 1e-3
+    assert img[padded].max() == 0
     assert (img[~padded].max(axis=1) > 20).all()
+
+
+@pytest.mark.parametrize("scale", [0.6, 1.0, 1.7])
+def test_random_scale_crop_equals_resize_pad_crop(scale: float) -> None:
+    """The one-warp transform matches resize, centred pad and a crop (up to rounding of the fixed-point warp)."""
+    image, mask = blocky_pair(np.random.default_rng(4), 75, 100)
+    transform = A.Compose([RandomScaleCrop(64, (scale, scale), flip_p=0.0)], strict=True)
+    transform.set_random_seed(5)
+    out = transform(image=image, mask=mask)
+    height, width = int(75 * scale + 0.5), int(100 * scale + 0.5)
+    resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+    # pixel-centre nearest neighbour (plain INTER_NEAREST of cv2.resize is shifted by half a source pixel)
+    resized_mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
+    pad_h, pad_w = max(64 - height, 0), max(64 - width, 0)  # centred, as PadIfNeeded does
+    border = (pad_h // 2, pad_h - pad_h // 2, pad_w // 2, pad_w - pad_w // 2)
+    resized = cv2.copyMakeBorder(resized, *border, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+    resized_mask = cv2.copyMakeBorder(resized_mask, *border, cv2.BORDER_CONSTANT, value=255)
+    height, width = resized_mask.shape
+    matches = [
+        (top, left)
+        for top in range(height - 63)
+        for left in range(width - 63)
+        if np.abs(resized[top : top + 64, left : left + 64].astype(int) - out["image"]).max() <= 1
+    ]
+    assert matches, "the crop is not a window of the resized image"
+    top, left = matches[0]
+    assert (resized_mask[top : top + 64, left : left + 64] == out["mask"]).mean() > 0.99
+
+
+def test_random_scale_crop_flip_mirrors_image_and_mask() -> None:
+    image, mask = blocky_pair(np.random.default_rng(6), 64, 64)
+    flipped = A.Compose([RandomScaleCrop(64, (1.0, 1.0), flip_p=1.0)], strict=True)(image=image, mask=mask)
+    assert np.array_equal(flipped["image"], image[:, ::-1]) and np.array_equal(flipped["mask"], mask[:, ::-1])
+
+
+def test_normalize_matches_the_float_formula() -> None:
+    images = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    expected = (images.float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        IMAGENET_STD
+    ).view(1, 3, 1, 1)
+    assert torch.allclose(normalize(images, IMAGENET_MEAN, IMAGENET_STD), expected, atol=1e-6)
+    assert normalize(expected, IMAGENET_MEAN, IMAGENET_STD) is expected
 
 
 def test_val_transform_keeps_full_size_or_centre_crops() -> None:
     image, mask = blocky_pair(np.random.default_rng(2), 75, 100)
-    assert val_transform()(image=image, mask=mask)["image"].shape == (3, 75, 100)
+    assert val_transform()(image=image, mask=mask)["image"].shape == (75, 100, 3)
     out = val_transform(crop_size=96)(image=image, mask=mask)  # shorter side 75 -> 96, then centre crop
-    assert out["image"].shape == (3, 96, 96) and (out["mask"].numpy() == 255).sum() == 0
+    assert out["image"].shape == (96, 96, 3) and (out["mask"] == 255).sum() == 0
 
 
 def test_dataset_reads_palette_masks_as_indices(voc_root: Path) -> None:
@@ -76,9 +123,9 @@ def test_dataset_reads_palette_masks_as_indices(voc_root: Path) -> None:
     _, mask_path = dataset.paths(0)
     raw = np.array(Image.open(mask_path))
     assert Image.open(mask_path).mode == "P"
-    assert image.dtype == torch.float32 and image.shape[1:] == mask.shape
-    assert mask.dtype == torch.int64
-    assert torch.equal(mask, torch.from_numpy(raw).long())
+    assert image.dtype == torch.uint8 and image.shape[0] == 3 and image.shape[1:] == mask.shape
+    assert mask.dtype == torch.uint8
+    assert torch.equal(mask, torch.from_numpy(raw))
     assert set(np.unique(raw)) <= set(range(21)) | {255} and 255 in raw
 
 
@@ -108,9 +155,34 @@ def test_datamodule_loaders(voc_root: Path) -> None:
     dm.prepare_data()
     dm.setup("fit")
     images, masks = next(iter(dm.train_dataloader()))
-    assert images.shape == (4, 3, 64, 64) and masks.shape == (4, 64, 64) and masks.dtype == torch.int64
-    images, masks, sizes = next(iter(dm.val_dataloader()))
-    assert images.shape[0] == 2 and len(sizes) == 2 and images.shape[-2:] == masks.shape[-2:]
+    assert images.shape == (4, 3, 64, 64) and images.dtype == torch.uint8
+    assert masks.shape == (4, 64, 64) and masks.dtype == torch.uint8
+    for images, masks, sizes in dm.val_dataloader():
+        assert images.shape[0] <= 2 and images.shape[-2:] == masks.shape[-2:]
+        assert len(set(sizes)) == 1  # one image size per batch: nothing padded
+
+
+def test_size_grouped_batches_cover_every_image_once_across_ranks() -> None:
+    sizes = [(5, 7), (7, 5), (5, 7), (5, 7), (9, 9), (7, 5), (5, 7)]
+    single = list(SizeGroupedBatchSampler(sizes, batch_size=2))
+    assert single == [[0, 2], [1, 5], [3, 6], [4]]
+    shares = [list(SizeGroupedBatchSampler(sizes, 2, num_replicas=3, rank=r)) for r in range(3)]
+    seen = sorted(i for share in shares for batch in share for i in batch)
+    assert seen == list(range(len(sizes)))
+    assert all(len({sizes[i] for i in batch}) == 1 for share in shares for batch in share)
+
+
+def test_global_batch_must_divide_over_processes(voc_root: Path) -> None:
+    dm = VOCDataModule(root=voc_root, batch_size=6)
+
+    class FakeTrainer:
+        world_size, global_rank = 4, 0
+
+    dm.trainer = FakeTrainer()
+    with pytest.raises(SegvocError, match="batch_size=6.*4 training processes"):
+        dm.per_device_batch_size()
+    dm.batch_size = 8
+    assert dm.per_device_batch_size() == 2
 
 
 def _augmented_mask_sums(voc_root: Path, num_workers: int) -> list[int]:

@@ -11,7 +11,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from segvoc.checkpoint import load_model
-from segvoc.data.transforms import val_transform
+from segvoc.data.datamodule import VOCDataModule
+from segvoc.data.demo import make_demo_voc
+from segvoc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, val_transform
 from segvoc.data.voc import VOCSegmentation
 from segvoc.errors import SegvocError
 from segvoc.training import evaluate, train
@@ -48,9 +50,10 @@ def direct_confusion(ckpt: Path, voc_root: Path) -> np.ndarray:
     confmat = np.zeros((21, 21), dtype=np.int64)
     with torch.no_grad():
         for image, mask in dataset:
-            pred = net(image[None]).argmax(1)[0].numpy()
-            valid = mask.numpy() != 255
-            confmat += np.bincount(21 * mask.numpy()[valid] + pred[valid], minlength=21 * 21).reshape(21, 21)
+            pred = net(normalize(image[None], IMAGENET_MEAN, IMAGENET_STD)).argmax(1)[0].numpy()
+            truth = mask.numpy().astype(np.int64)
+            valid = truth != 255
+            confmat += np.bincount(21 * truth[valid] + pred[valid], minlength=21 * 21).reshape(21, 21)
     return confmat
 
 
@@ -99,3 +102,21 @@ def test_checkpoint_is_self_describing_and_loads_weights_only(trained: Path) -> 
     meta = raw["segvoc"]
     assert meta["net"] == {"arch": "deeplabv3plus", "num_classes": 21, "output_stride": 16, "stem_padding": 1}
     assert meta["class_names"][15] == "person" and len(meta["palette"]) == 21 and len(meta["mean"]) == 3
+
+
+def test_batched_full_resolution_validation_equals_one_image_at_a_time(
+    trained: Path, make_cfg, tmp_path: Path
+) -> None:
+    root = tmp_path / "voc_val"
+    make_demo_voc(root, n_train=2, n_val=12, seed=11)
+    batched_dm = VOCDataModule(root=root, val_batch_size=5, num_workers=0)
+    batched_dm.setup("validate")
+    batch_sizes = [len(sizes) for _, _, sizes in batched_dm.val_dataloader()]
+    assert max(batch_sizes) > 1 and sum(batch_sizes) == 12  # real batches, every image once
+    reports = [
+        evaluate(make_cfg("train=false", f"ckpt_path={trained}", f"data.root={root}", f"data.val_batch_size={n}"))
+        for n in (1, 5)
+    ]
+    for report in reports:
+        report.pop("checkpoint")
+    assert reports[0] == reports[1]  # every figure and per-class pixel count identical

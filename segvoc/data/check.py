@@ -23,12 +23,18 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
-from segvoc.data.download import voc_dir
+from segvoc.config import validate_data
+from segvoc.data.download import VOC_MEMBER
 from segvoc.data.voc import IMAGE_DIR, MASK_DIR, SPLIT_DIR
 from segvoc.errors import SegvocError, user_error
 from segvoc.palette import IGNORE_INDEX, voc_palette
 
 log = logging.getLogger(__name__)
+
+# The SBD-augmented training set ("trainaug") that `python -m segvoc.data.prepare sbd` writes into a VOC2012 folder;
+# segvoc.data.prepare takes these names from here.
+AUG_SPLIT = "train_aug"
+AUG_MASK_DIR = "SegmentationClassAug"
 
 # Every kind of problem, in report order, with what to do about it.
 KINDS: dict[str, str] = {
@@ -36,9 +42,11 @@ KINDS: dict[str, str] = {
     "data.train_split / data.val_split at a split that exists.",
     "unreadable_split": "the split file must be plain text with one image id per line; re-create it.",
     "empty_split": "list one image id per line in the split file.",
+    "missing_mask_dir": "point data.mask_dir at the folder under VOC2012 that holds the masks, or create it.",
     "duplicate_id": "list each id once per split (a repeated id is seen several times per epoch).",
     "missing_image": "put the image at JPEGImages/<id>.jpg, or remove the id from the split file.",
-    "missing_mask": "put the mask at SegmentationClass/<id>.png, or remove the id from the split file.",
+    "missing_mask": "put the mask at <mask folder>/<id>.png (SegmentationClass, or the data.mask_dir folder), or "
+    "remove the id from the split file.",
     "unreadable_image": "replace the file with an intact copy (extract or download the dataset again), or remove "
     "the id from the split file.",
     "unreadable_mask": "replace the file with an intact copy (extract or download the dataset again), or remove "
@@ -254,12 +262,22 @@ def _check_sample(
     return found
 
 
+def _aug_hint(voc: Path) -> str:
+    """The sentence telling how to make the SBD-augmented split and masks of the VOC2012 folder ``voc``."""
+    return (
+        f"The {AUG_SPLIT} split and {AUG_MASK_DIR} masks are made from SBD (Hariharan et al.): run "
+        f"`python -m segvoc.data.prepare sbd --root {voc.parent.parent}` once."
+    )
+
+
 def _read_split_lines(voc: Path, split: str) -> tuple[list[tuple[int, str]], Problem | None]:
     """``([(line number, id), ...], None)`` from a split file, or ``([], problem)`` when it is missing or unreadable."""
     path = voc / SPLIT_DIR / f"{split}.txt"
     if not path.is_file():
         available = sorted(p.stem for p in (voc / SPLIT_DIR).glob("*.txt"))
         message = f"The split file {path} does not exist (splits there: {', '.join(available) or 'none'})."
+        if split == AUG_SPLIT:
+            message += f" {_aug_hint(voc)}"
         return [], Problem("missing_split", split, None, path, message)
     try:
         text = path.read_text()
@@ -280,8 +298,9 @@ def check_dataset(
     """Every problem of the VOC folder ``voc`` for the given splits, in split and id order; ``[]`` when it is clean.
 
     Decodes every listed image and mask in full on ``workers`` threads (None: Python's default). An id listed in
-    several splits is checked once and reported under each. Raises ``SegvocError`` only when ``voc`` is not a
-    folder; a problem in the files is always returned, never raised.
+    several splits is checked once and reported under each. Masks are read from ``voc/<mask_dir>``; when that folder
+    does not exist, one ``missing_mask_dir`` problem stands for the samples, which are not checked. Raises
+    ``SegvocError`` only when ``voc`` is not a folder; a problem in the files is always returned, never raised.
     """
     voc = Path(voc)
     if not voc.is_dir():
@@ -317,6 +336,12 @@ def check_dataset(
         listed[split] = list(seen)
 
     names = list(dict.fromkeys(name for ids in listed.values() for name in ids))
+    if names and not (voc / mask_dir).is_dir():  # one problem, not one missing mask per id
+        message = f"The mask folder {voc / mask_dir} does not exist."
+        if mask_dir == AUG_MASK_DIR:
+            message += f" {_aug_hint(voc)}"
+        problems.append(Problem("missing_mask_dir", None, None, voc / mask_dir, message))
+        return problems
 
     def check(name: str) -> list[tuple[str, Path, str]]:
         return _check_sample(
@@ -374,15 +399,16 @@ def require_usable_dataset(
     skip_bad: bool = False,
     workers: int | None = None,
     skip_option: str = "data.skip_bad_samples=true",
+    mask_dir: str = MASK_DIR,
 ) -> dict[str, set[str]]:
     """Check the dataset before training and return the ids to leave out per split (``{}`` when it is clean).
 
     Raises ``DatasetCheckError`` with the full report when there is any problem, unless ``skip_bad`` is true and
     every problem is a sample's (``SAMPLE_KINDS``) or a duplicate id, and each split keeps at least one sample; then
     logs a warning with the report and the number of samples skipped. ``skip_option`` is the setting the error
-    message tells the user to pass to skip bad samples.
+    message tells the user to pass to skip bad samples; masks are read from the ``mask_dir`` folder of ``voc``.
     """
-    problems = check_dataset(voc, splits, num_classes, ignore_index, workers)
+    problems = check_dataset(voc, splits, num_classes, ignore_index, workers, mask_dir)
     if not problems:
         return {}
     report = format_report(problems)
@@ -426,12 +452,14 @@ def main(cfg: DictConfig) -> None:
     """Print the report of ``data.root``; exit 0 when the dataset is clean and 1 when it has problems."""
     data = cfg.data
     splits = [data.train_split, data.val_split]
-    voc = voc_dir(data.root)
+    mask_dir = data.get("mask_dir", MASK_DIR)
     try:
-        problems = check_dataset(voc, splits, data.num_classes, workers=cfg.workers)
+        validate_data(cfg)  # classes, ignore index, and that a dataset of one's own (data=custom) is there
+        voc = Path(data.root) / data.get("subdir", VOC_MEMBER)
+        problems = check_dataset(voc, splits, data.num_classes, data.ignore_index, cfg.workers, mask_dir=mask_dir)
         if cfg.convert_rgb_masks and any(p.kind == "rgb_mask" for p in problems):
             log.info("Converted %d RGB masks to palette PNGs of class indices", _convert_rgb_masks(problems))
-            problems = check_dataset(voc, splits, data.num_classes, workers=cfg.workers)
+            problems = check_dataset(voc, splits, data.num_classes, data.ignore_index, cfg.workers, mask_dir=mask_dir)
     except Exception as exc:
         error = user_error(exc)
         if error is None:

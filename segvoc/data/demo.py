@@ -84,11 +84,22 @@ def make_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.nd
     return np.clip(image, 0, 255).astype(np.uint8), labels
 
 
+def _demo_size(rng: np.random.Generator) -> tuple[int, int]:
+    """``(height, width)``: 60% landscape 135x180, 25% portrait 180x135, 15% anything in 120..180 x 160..240."""
+    draw = rng.random()
+    if draw < 0.60:
+        return 135, 180
+    if draw < 0.85:
+        return 180, 135
+    return int(rng.integers(120, 181)), int(rng.integers(160, 241))
+
+
 def make_demo_voc(root: str | Path, n_train: int = 64, n_val: int = 16, seed: int = 0) -> Path:
     """Generate the demo dataset under ``root/VOCdevkit/VOC2012`` once and return that folder.
 
     Generation is atomic (written to a temporary folder, then renamed); an existing complete tree is reused.
-    Image sizes vary between 120x160 and 180x240, like VOC's varied aspect ratios at a smaller scale.
+    Image sizes mimic VOC's at a smaller scale: most are 180x135 landscape or 135x180 portrait (VOC: 500x375 and
+    375x500), the rest vary between 160x120 and 240x180.
     """
     root = Path(root)
     voc = root / "VOCdevkit" / "VOC2012"
@@ -113,7 +124,7 @@ def make_demo_voc(root: str | Path, n_train: int = 64, n_val: int = 16, seed: in
             for _ in range(count):
                 name = f"demo_{index:05d}"
                 index += 1
-                height, width = int(rng.integers(120, 181)), int(rng.integers(160, 241))
+                height, width = _demo_size(rng)
                 image, mask = make_scene(rng, height, width)
                 cv2.imwrite(str(tmp / "JPEGImages" / f"{name}.jpg"), image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
                 png = Image.fromarray(mask, mode="P")

@@ -80,12 +80,14 @@ def _ways_out(tar_name: str) -> str:
     )
 
 
-def _network_error(url: str, reason: object, dest: Path, part: Path) -> DatasetUnavailableError:
+def _network_error(
+    url: str, reason: object, dest: Path, part: Path, ways_out: str | None = None
+) -> DatasetUnavailableError:
     kept = part.stat().st_size if part.is_file() else 0
     resume = f"The {kept} bytes received so far stay in {part} for the next run to resume. " if kept else ""
     return DatasetUnavailableError(
         f"Could not download {url} ({reason}). {resume}"
-        f"If this machine cannot reach that server, either {_ways_out(dest.name)}."
+        f"If this machine cannot reach that server, either {ways_out or _ways_out(dest.name)}."
     )
 
 
@@ -97,7 +99,9 @@ def _disk_error(folder: Path, exc: OSError) -> DatasetUnavailableError:
     )
 
 
-def _open(url: str, offset: int, timeout: float, dest: Path, part: Path) -> http.client.HTTPResponse | None:
+def _open(
+    url: str, offset: int, timeout: float, dest: Path, part: Path, ways_out: str | None = None
+) -> http.client.HTTPResponse | None:
     """Open ``url``, asking for the bytes from ``offset`` on; None when the server cannot serve that range."""
     request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
     try:
@@ -105,9 +109,10 @@ def _open(url: str, offset: int, timeout: float, dest: Path, part: Path) -> http
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and offset:
             return None
-        raise _network_error(url, f"the server answered HTTP {exc.code} {exc.reason}", dest, part) from exc
+        reason = f"the server answered HTTP {exc.code} {exc.reason}"
+        raise _network_error(url, reason, dest, part, ways_out) from exc
     except (OSError, http.client.HTTPException) as exc:
-        raise _network_error(url, getattr(exc, "reason", None) or exc, dest, part) from exc
+        raise _network_error(url, getattr(exc, "reason", None) or exc, dest, part, ways_out) from exc
     if offset and response.status == 206:
         match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
         if match is None or int(match.group(1)) != offset:
@@ -116,26 +121,31 @@ def _open(url: str, offset: int, timeout: float, dest: Path, part: Path) -> http
     return response
 
 
-def _read_blocks(response: http.client.HTTPResponse, url: str, dest: Path, part: Path) -> Iterator[bytes]:
+def _read_blocks(
+    response: http.client.HTTPResponse, url: str, dest: Path, part: Path, ways_out: str | None = None
+) -> Iterator[bytes]:
     """The response body in blocks; a network failure while reading becomes a DatasetUnavailableError."""
     while True:
         try:
             block = response.read(READ_CHUNK)
         except (OSError, http.client.HTTPException) as exc:
-            raise _network_error(url, getattr(exc, "reason", None) or exc, dest, part) from exc
+            raise _network_error(url, getattr(exc, "reason", None) or exc, dest, part, ways_out) from exc
         if not block:
             return
         yield block
 
 
-def download_file(url: str, dest: Path, md5: str | None = None, timeout: float = 30.0) -> Path:
+def download_file(
+    url: str, dest: Path, md5: str | None = None, timeout: float = 30.0, ways_out: str | None = None
+) -> Path:
     """Download ``url`` to ``dest`` with a progress bar and return ``dest``.
 
     Bytes go to ``<dest>.part``, which a later call resumes with an HTTP Range request when the server
     supports it (and restarts from scratch when it does not). The ``.part`` file is checked against ``md5``
     (when given) and only then renamed to ``dest``, so an existing ``dest`` is always a finished download.
     Raises ``DatasetUnavailableError`` on network and disk errors (the ``.part`` file is kept for resuming)
-    and on a checksum mismatch (the ``.part`` file is deleted).
+    and on a checksum mismatch (the ``.part`` file is deleted). ``ways_out`` replaces the VOC-specific advice
+    those messages end with (what to do when the server cannot be reached), e.g. for another dataset's file.
     """
     dest = Path(dest)
     part = dest.with_suffix(dest.suffix + ".part")
@@ -145,11 +155,11 @@ def download_file(url: str, dest: Path, md5: str | None = None, timeout: float =
         raise _disk_error(dest.parent, exc) from exc
 
     offset = part.stat().st_size if part.is_file() else 0
-    response = _open(url, offset, timeout, dest, part)
+    response = _open(url, offset, timeout, dest, part, ways_out)
     if response is None:  # the server cannot continue this .part (stale, or already complete): start over
         log.info("Cannot resume %s from byte %d; downloading it again from the start", part, offset)
         part.unlink()
-        return download_file(url, dest, md5, timeout)
+        return download_file(url, dest, md5, timeout, ways_out)
 
     with response:
         resumed = offset > 0 and response.status == 206
@@ -170,7 +180,7 @@ def download_file(url: str, dest: Path, md5: str | None = None, timeout: float =
         try:
             with open(part, "ab" if resumed else "wb") as fh, Progress(*columns) as progress:
                 task = progress.add_task(dest.name, total=total, completed=done)
-                for block in _read_blocks(response, url, dest, part):
+                for block in _read_blocks(response, url, dest, part, ways_out):
                     fh.write(block)
                     done += len(block)
                     progress.update(task, completed=done)
@@ -179,7 +189,7 @@ def download_file(url: str, dest: Path, md5: str | None = None, timeout: float =
 
     # http.client returns b"" rather than raising when the connection drops before Content-Length bytes came.
     if total is not None and done < total:
-        raise _network_error(url, f"the connection closed after {done} of {total} bytes", dest, part)
+        raise _network_error(url, f"the connection closed after {done} of {total} bytes", dest, part, ways_out)
     if md5 is not None:
         got = md5sum(part)
         if got != md5.lower():
@@ -187,7 +197,7 @@ def download_file(url: str, dest: Path, md5: str | None = None, timeout: float =
             raise DatasetUnavailableError(
                 f"The file downloaded from {url} did not match its checksum (expected MD5 {md5}, got {got}), "
                 "so it was deleted. The transfer was corrupted or the server sent a different file (for "
-                f"example an error page). Run again to retry; if it keeps failing, {_ways_out(dest.name)}."
+                f"example an error page). Run again to retry; if it keeps failing, {ways_out or _ways_out(dest.name)}."
             )
     try:
         os.replace(part, dest)
@@ -210,6 +220,20 @@ def _unsafe_reason(member: tarfile.TarInfo) -> str | None:
     if member.isdev() or member.isfifo():
         return "is a device or pipe"
     return None
+
+
+def check_member(
+    member: tarfile.TarInfo, tar_path: Path, what: str = "Pascal VOC tar", tar_name: str = VOC_TAR_NAME
+) -> None:
+    """Raise ``DatasetUnavailableError`` naming ``member`` of ``tar_path`` when extracting it could write outside the
+    extraction folder (an absolute or ``..`` path, a link leading outside, a device or pipe); ``what`` names the
+    genuine archive in the message and ``tar_name`` the file to get again."""
+    reason = _unsafe_reason(member)
+    if reason is not None:
+        raise DatasetUnavailableError(
+            f"Refusing to extract {tar_path}: its member {member.name!r} {reason}. A genuine {what} never contains "
+            f"such a member; delete this file and get {tar_name} again from the official site or a mirror you trust."
+        )
 
 
 def _in_voc_tree(member: tarfile.TarInfo) -> bool:
@@ -253,13 +277,7 @@ def extract_tar(tar_path: Path, dest_root: Path) -> None:
             with tarfile.open(tar_path) as tar:
                 members = tar.getmembers()
                 for member in members:
-                    reason = _unsafe_reason(member)
-                    if reason is not None:
-                        raise DatasetUnavailableError(
-                            f"Refusing to extract {tar_path}: its member {member.name!r} {reason}. A genuine "
-                            f"Pascal VOC tar never contains such a member; delete this file and get "
-                            f"{VOC_TAR_NAME} again from the official site or a mirror you trust."
-                        )
+                    check_member(member, tar_path)
                 tar.extractall(tmp, members=[m for m in members if _in_voc_tree(m)], **TAR_FILTER)
         except tarfile.TarError as exc:
             raise DatasetUnavailableError(

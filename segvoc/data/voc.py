@@ -17,6 +17,7 @@ from segvoc.errors import SegvocError
 IMAGE_DIR = "JPEGImages"
 MASK_DIR = "SegmentationClass"
 SPLIT_DIR = Path("ImageSets") / "Segmentation"
+EXIF_ORIENTATION = 0x0112
 
 
 def read_split(voc: Path, split: str) -> list[str]:
@@ -35,11 +36,23 @@ def read_split(voc: Path, split: str) -> list[str]:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Read an image file as an RGB uint8 ``(H, W, 3)`` array."""
+    """Read an image file as an RGB uint8 ``(H, W, 3)`` array, as displayed (OpenCV applies the EXIF orientation)."""
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise SegvocError(f"Cannot read the image {path}: it is missing, truncated or not an image file.")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def displayed_size(path: Path) -> tuple[int, int] | None:
+    """``(height, width)`` of an image as displayed (EXIF rotation applied), from its header alone; None when the
+    header cannot be read (whoever decodes the file reports the error)."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            turned = image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
+    except Exception:  # noqa: BLE001 - any unreadable header
+        return None
+    return (width, height) if turned else (height, width)
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -63,8 +76,10 @@ class VOCSegmentation(Dataset):
     """Image/mask pairs of one split of a VOC2012 folder.
 
     Ids in ``exclude`` (samples the dataset check found broken) are left out.
-    ``dataset[i]`` returns ``(image, mask)``: the image as the transform leaves it (a normalised float CHW tensor
-    with the project's transforms) and the mask as an int64 ``(H, W)`` tensor of class indices, 255 = ignore.
+    ``dataset[i]`` returns ``(image, mask)``: the image as a uint8 ``(3, H, W)`` RGB tensor and the mask as a uint8
+    ``(H, W)`` tensor of class indices (255 = ignore), both as the transform leaves them; normalisation and the
+    conversion of masks to int64 happen on the device (``SegmentationModule.on_after_batch_transfer``). With
+    ``return_index`` it returns ``(image, mask, i)``.
     """
 
     def __init__(
@@ -74,6 +89,7 @@ class VOCSegmentation(Dataset):
         transform: Callable[..., dict[str, Any]] | None = None,
         mask_dir: str = MASK_DIR,
         exclude: set[str] | None = None,
+        return_index: bool = False,
     ) -> None:
         self.voc = Path(voc)
         self.split = split
@@ -81,6 +97,7 @@ class VOCSegmentation(Dataset):
         self.ids = [i for i in read_split(self.voc, split) if not exclude or i not in exclude]
         self.image_dir = self.voc / IMAGE_DIR
         self.mask_dir = self.voc / mask_dir
+        self.return_index = return_index
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -90,7 +107,12 @@ class VOCSegmentation(Dataset):
         name = self.ids[index]
         return self.image_dir / f"{name}.jpg", self.mask_dir / f"{name}.png"
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """``(height, width)`` of every image as ``read_image`` gives it, from the file headers (no decoding); an
+    unreadable header gets a size of its own."""
+        return [displayed_size(self.paths(index)[0]) or (-1 - index, 0) for index in range(len(self))]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         image_path, mask_path = self.paths(index)
         image, mask = read_image(image_path), read_mask(mask_path)
         if image.shape[:2] != mask.shape:
@@ -101,5 +123,5 @@ class VOCSegmentation(Dataset):
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        image = torch.as_tensor(image)
-        return image, torch.as_tensor(mask).long()
+        sample = (torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), torch.from_numpy(mask))
+        return (*sample, index) if self.return_index else sample

@@ -123,18 +123,34 @@ class DeepLab(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
+def _init(net: DeepLab, init_from: str | Path | None) -> DeepLab:
+    """``net``, with the weights of the checkpoint ``init_from`` when given (fine-tuning): every tensor but the final
+    classifier's when the number of classes differs; see ``segvoc.checkpoint.init_from_checkpoint``."""
+    if init_from:
+        from segvoc.checkpoint import init_from_checkpoint  # segvoc.checkpoint builds networks with this module
+
+        init_from_checkpoint(net, Path(init_from).expanduser())
+    return net
+
+
 def deeplabv3plus_mobilenet(
     num_classes: int = 21,
     output_stride: int = 16,
     pretrained: bool = False,
     weights_path: str | Path | None = None,
     stem_padding: int = 1,
+    init_from: str | Path | None = None,
 ) -> DeepLab:
-    """DeepLabV3+ on MobileNetV2 (5,225,717 parameters with 21 classes)."""
+    """DeepLabV3+ on MobileNetV2 (5,225,717 parameters with 21 classes).
+
+    ``init_from``: start from the weights of a segvoc or seed checkpoint instead of ImageNet's (see ``_init``).
+    """
+    if init_from:
+        pretrained, weights_path = False, None  # the checkpoint's weights replace the ImageNet ones
     backbone = MobileNetV2Backbone(output_stride, pretrained, weights_path, stem_padding)
     head = DeepLabV3PlusHead(backbone.low_channels, backbone.high_channels, num_classes, ASPP_RATES[output_stride])
     spec = {"arch": "deeplabv3plus", "num_classes": num_classes, "output_stride": output_stride}
-    return DeepLab(backbone, head, {**spec, "stem_padding": stem_padding})
+    return _init(DeepLab(backbone, head, {**spec, "stem_padding": stem_padding}), init_from)
 
 
 def deeplabv3_mobilenet(
@@ -143,9 +159,15 @@ def deeplabv3_mobilenet(
     pretrained: bool = False,
     weights_path: str | Path | None = None,
     stem_padding: int = 1,
+    init_from: str | Path | None = None,
 ) -> DeepLab:
-    """DeepLabV3 (no decoder) on MobileNetV2."""
+    """DeepLabV3 (no decoder) on MobileNetV2.
+
+    ``init_from``: start from the weights of a segvoc or seed checkpoint instead of ImageNet's (see ``_init``).
+    """
+    if init_from:
+        pretrained, weights_path = False, None  # the checkpoint's weights replace the ImageNet ones
     backbone = MobileNetV2Backbone(output_stride, pretrained, weights_path, stem_padding)
     head = DeepLabV3Head(backbone.high_channels, num_classes, ASPP_RATES[output_stride])
     spec = {"arch": "deeplabv3", "num_classes": num_classes, "output_stride": output_stride}
-    return DeepLab(backbone, head, {**spec, "stem_padding": stem_padding})
+    return _init(DeepLab(backbone, head, {**spec, "stem_padding": stem_padding}), init_from)

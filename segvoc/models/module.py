@@ -14,10 +14,10 @@ from PIL import Image
 from torch import nn
 
 from segvoc.checkpoint import META_KEY, describe
-from segvoc.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from segvoc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from segvoc.inference import crop_to_sizes, infer
 from segvoc.metrics import SegmentationMetrics
-from segvoc.palette import IGNORE_INDEX, VOC_CLASSES
+from segvoc.palette import IGNORE_INDEX, VOC_CLASSES, class_palette
 from segvoc.visualize import confusion_image, denormalize, panel
 
 
@@ -46,10 +46,13 @@ class SegmentationModule(L.LightningModule):
         num_classes: int = 21,
         class_names: Sequence[str] | None = None,
         ignore_index: int = IGNORE_INDEX,
+        palette: Sequence[Sequence[int]] | None = None,
         backbone_lr_mult: float = 1.0,
         inference: dict[str, Any] | None = None,
         num_val_images: int = 4,
         save_val_dir: str | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
@@ -60,10 +63,14 @@ class SegmentationModule(L.LightningModule):
         if len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names given for num_classes={num_classes}")
         self.ignore_index = ignore_index
+        self.palette = class_palette(num_classes, palette).tolist()  # None: the VOC colours
         self.backbone_lr_mult = backbone_lr_mult
         self.inference = dict(inference or {})
         self.num_val_images = num_val_images
         self.save_val_dir = Path(save_val_dir) if save_val_dir else None
+        self.channels_last = channels_last
+        self.compile_net = compile
+        self._norm: tuple[torch.Tensor, ...] | None = None
         self.train_metrics = SegmentationMetrics(num_classes, ignore_index)
         self.val_metrics = SegmentationMetrics(num_classes, ignore_index)
         self.val_scores: dict[str, torch.Tensor] = {}
@@ -72,6 +79,25 @@ class SegmentationModule(L.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
+
+    def configure_model(self) -> None:
+        """Apply ``channels_last`` (NHWC weights and inputs: faster convolutions on tensor cores) and ``compile``
+        (``nn.Module.compile``: the network is compiled in place, so checkpoint keys do not change)."""
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if self.compile_net and getattr(self.net, "_compiled_call_impl", None) is None:
+            self.net.compile()
+
+    def on_after_batch_transfer(self, batch: Sequence[Any], dataloader_idx: int) -> Sequence[Any]:
+        """On the device: uint8 images -> normalised float (``segvoc.data.transforms.normalize``), uint8 masks ->
+        int64, NHWC memory with ``channels_last``. The loader ships uint8, a quarter of the float bytes."""
+        images, masks, *rest = batch
+        if self._norm is None or self._norm[0].device != images.device:
+            self._norm = tuple(torch.tensor(v, device=images.device) for v in self._normalisation())
+        images = normalize(images, *self._norm)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return (images, masks.long(), *rest)
 
     def _loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, masks, ignore_index=self.ignore_index)
@@ -85,18 +111,19 @@ class SegmentationModule(L.LightningModule):
         logits = self(images)
         loss = self._loss(logits, masks)
         self.train_metrics.update(logits.detach().argmax(dim=1), masks)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # under DDP: the mean over the processes
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
         return loss
 
     def on_train_epoch_end(self) -> None:
-        self.log("train/mIoU", self.train_metrics.compute()["mIoU"].float())
+        # metrics of the confusion matrix summed across processes are the same in each: "max" syncs them exactly
+        self.log("train/mIoU", self.train_metrics.compute()["mIoU"].float(), sync_dist=True, reduce_fx="max")
         self.train_metrics.reset()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor, list], batch_idx: int) -> None:
         images, masks, sizes = batch
         logits = infer(self.net, images, **self.inference)
-        self.log("val/loss", self._loss(logits, masks), batch_size=images.shape[0])
+        self.log("val/loss", self._loss(logits, masks), batch_size=images.shape[0], sync_dist=True)
         preds = logits.argmax(dim=1)
         self.val_metrics.update(preds, masks)
         first, self._val_seen = self._val_seen, self._val_seen + images.shape[0]
@@ -105,29 +132,33 @@ class SegmentationModule(L.LightningModule):
         mean, std = self._normalisation()
         crops = zip(crop_to_sizes(images, sizes), crop_to_sizes(masks, sizes), crop_to_sizes(preds, sizes), strict=True)
         for offset, (image, mask, pred) in enumerate(crops):
-            picture = panel(denormalize(image, mean, std), mask.cpu().numpy(), pred.cpu().numpy())
+            picture = panel(
+                denormalize(image, mean, std), mask.cpu().numpy(), pred.cpu().numpy(), self.palette, self.ignore_index
+            )
             if first + offset < self.num_val_images:
                 self._val_panels.append(picture)
             if self.save_val_dir is not None:
                 self.save_val_dir.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(picture).save(self.save_val_dir / f"{first + offset:05d}.png")
+                rank = f"rank{self.global_rank}_" if self.trainer.world_size > 1 else ""  # each process: its images
+                Image.fromarray(picture).save(self.save_val_dir / f"{rank}{first + offset:05d}.png")
 
     def on_validation_epoch_start(self) -> None:
         self._val_seen = 0
 
     def on_validation_epoch_end(self) -> None:
-        confmat = self.val_metrics.confmat.clone()
-        scores = self.val_metrics.compute()
+        scores = self.val_metrics.compute()  # of the whole split: the confusion matrix is summed across processes
+        with self.val_metrics.sync_context():  # the summed matrix for the picture too (compute() restores this one's)
+            confmat = self.val_metrics.confmat.clone()
         self.val_metrics.reset()
         self.val_scores = scores
         summary = {f"val/{key}": scores[key].float() for key in ("mIoU", "acc", "mean_acc", "fw_iou")}
-        self.log_dict(summary, prog_bar=True)
+        self.log_dict(summary, prog_bar=True, sync_dist=True, reduce_fx="max")  # the same in every process
         per_class = {
             f"val/iou/{name}": scores["iou"][i].float()
             for i, name in enumerate(self.class_names)
             if not torch.isnan(scores["iou"][i])
         }
-        self.log_dict(per_class)
+        self.log_dict(per_class, sync_dist=True, reduce_fx="max")
         panels, self._val_panels = self._val_panels, []
         if self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
@@ -139,9 +170,9 @@ class SegmentationModule(L.LightningModule):
                 logger.experiment.add_image("val/confusion_matrix", confusion_image(confmat), step, dataformats="HWC")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Make the checkpoint self-describing: network spec, class names, palette and normalisation."""
+        """Make the checkpoint self-describing: network spec, class names, palette, ignore index, normalisation."""
         mean, std = self._normalisation()
-        checkpoint[META_KEY] = describe(self.net, self.class_names, mean, std)
+        checkpoint[META_KEY] = describe(self.net, self.class_names, mean, std, self.palette, self.ignore_index)
 
     def configure_optimizers(self) -> dict[str, Any]:
         if self.optimizer_factory is None:
