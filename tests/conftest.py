@@ -20,6 +20,19 @@ REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = str(REPO / "conf")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-long", action="store_true", help="also run tests marked long (minutes each on a CPU)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-long"):
+        return
+    skip = pytest.mark.skip(reason="long: run with --run-long")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def voc_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small VOC-layout tree (12 train, 4 val images) under ``<root>/VOCdevkit/VOC2012``."""

@@ -18,7 +18,7 @@ from PIL import Image
 from segvoc.checkpoint import ARCHITECTURES, CLASSIFIER_KEYS, CheckpointError, describe, read_checkpoint
 from segvoc.config import ConfigError, validate_config
 from segvoc.data.check import DatasetCheckError
-from segvoc.data.datamodule import VOCDataModule
+from segvoc.data.datamodule import VOCDataModule, pad_collate
 from segvoc.models.deeplab import deeplabv3plus_mobilenet
 from segvoc.palette import VOC_CLASSES, colorize
 from segvoc.prediction import run as predict
@@ -128,7 +128,7 @@ def test_val_panels_draw_the_dataset_colours(trained: tuple[dict[str, float], Pa
     _, run_dir = trained
     first_val = (custom_root / "ImageSets/Segmentation/val.txt").read_text().split()[0]
     mask = np.array(Image.open(custom_root / "SegmentationClass" / f"{first_val}.png"))
-    picture = np.array(Image.open(run_dir / "val_results" / "00000.png"))
+    picture = np.array(Image.open(sorted((run_dir / "val_results").glob("*.png"))[0]))  # the first val image
     width = mask.shape[1]
     assert picture.shape == (mask.shape[0], 4 * width, 3)
     truth, prediction = picture[:, width : 2 * width], picture[:, 2 * width : 3 * width]
@@ -171,6 +171,14 @@ def test_dataset_check_uses_the_custom_ignore_index(tmp_path: Path) -> None:
     Image.fromarray(mask).save(mask_path)
     with pytest.raises(DatasetCheckError, match=f"holds the values 255 .*ignore label {IGNORE}"):
         datamodule.check_data()
+
+
+def test_validation_batches_are_padded_with_the_custom_ignore_index() -> None:
+    small = (torch.zeros(3, 2, 3), torch.zeros(2, 3, dtype=torch.long))
+    large = (torch.zeros(3, 4, 5), torch.ones(4, 5, dtype=torch.long))
+    _, masks, sizes = pad_collate([small, large], ignore_index=IGNORE)
+    assert sizes == [(2, 3), (4, 5)] and masks[1].eq(1).all()
+    assert masks[0, 2:].eq(IGNORE).all() and masks[0, :, 3:].eq(IGNORE).all() and masks[0, :2, :3].eq(0).all()
 
 
 def _noisy(net: torch.nn.Module, seed: int) -> torch.nn.Module:

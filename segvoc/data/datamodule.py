@@ -8,7 +8,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import cv2
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -50,7 +49,8 @@ def seed_worker(worker_id: int) -> None:
     run's ``seed``, different for every worker and epoch), and NumPy / ``random`` as Lightning does.
     """
     seed_lightning_worker(worker_id)
-    cv2.setNumThreads(1)  # one worker per core already; OpenCV's own threads would only compete with the others
+    # No cv2.setNumThreads here: in a forked worker whose parent has already run OpenCV's thread pool it blocks
+    # forever (it waits for the parent's pool threads, which do not exist in the child).
     info = get_worker_info()
     transform = getattr(info.dataset, "transform", None)
     if hasattr(transform, "set_random_seed"):

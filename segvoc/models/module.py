@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ class SegmentationModule(L.LightningModule):
         num_val_images: int = 4,
         save_val_dir: str | None = None,
         channels_last: bool = False,
-        compile: bool = False,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
@@ -82,11 +82,13 @@ class SegmentationModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Apply ``channels_last`` (NHWC weights and inputs: faster convolutions on tensor cores) and ``compile``
-        (``nn.Module.compile``: the network is compiled in place, so checkpoint keys do not change)."""
+        (``nn.Module.compile``: the network is compiled in place, so checkpoint keys do not change). ``compile`` is
+        ``True`` for ``torch.compile``'s defaults or a mapping of its keyword arguments (``mode``, ``backend``, ...)."""
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
         if self.compile_net and getattr(self.net, "_compiled_call_impl", None) is None:
-            self.net.compile()
+            options = dict(self.compile_net) if isinstance(self.compile_net, Mapping) else {}
+            self.net.compile(**options)
 
     def on_after_batch_transfer(self, batch: Sequence[Any], dataloader_idx: int) -> Sequence[Any]:
         """On the device: uint8 images -> normalised float (``segvoc.data.transforms.normalize``), uint8 masks ->
