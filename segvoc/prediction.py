@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import logging
 import zipfile
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -175,7 +176,15 @@ def run(cfg: DictConfig) -> int:
     inference = OmegaConf.to_container(cfg.inference)
     norm = [torch.tensor(meta[key], device=device) for key in ("mean", "std")]
     failures: list[tuple[Path, str]] = []
-    pending: list[Future] = []
+    pending: deque[tuple[Future, Path]] = deque()  # writes in flight, oldest first
+
+    def finish_oldest() -> None:
+        future, path = pending.popleft()
+        try:
+            future.result()
+        except OSError as exc:
+            failures.append((path, f"cannot write its mask into {output}: {exc}"))
+
     with ThreadPoolExecutor(max_workers=2) as writer, Progress() as progress, torch.inference_mode():
         task = progress.add_task("Predicting", total=len(files))
         for batch in loader:
@@ -185,16 +194,15 @@ def run(cfg: DictConfig) -> int:
                 logits = infer(net, images, **inference)
                 preds = logits.argmax(dim=1).to(torch.uint8).cpu()
                 for index, pred in zip(batch["indices"], crop_to_sizes(preds, batch["sizes"]), strict=True):
-                    mask = pred.numpy()
-                    pending.append(
-                        writer.submit(write_outputs, mask, files[index], files[index].stem, output, formats, palette)
-                    )
+                    future = writer.submit(write_outputs, pred.numpy(), files[index], files[index].stem, output,
+                                           formats, palette)  # fmt: skip
+                    pending.append((future, files[index]))
+            # writing overlaps the next batches' reading and inference; a bounded queue keeps memory flat
+            while len(pending) > 2 * cfg.batch_size:
+                finish_oldest()
             progress.advance(task, len(batch["indices"]) + len(batch["failed"]))
-        for future, index in zip(pending, range(len(pending)), strict=True):
-            try:
-                future.result()
-            except OSError as exc:
-                failures.append((Path(f"output #{index}"), f"cannot write into {output}: {exc}"))
+        while pending:
+            finish_oldest()
     for path, error in failures:
         log.error("Skipped %s: %s", path, error)
     log.info("Wrote masks for %d of %d images to %s", len(files) - len(failures), len(files), output)

@@ -93,6 +93,18 @@ def test_masks_at_original_size_and_a_corrupt_file_is_skipped(checkpoint: Path, 
     assert not (out / "broken.png").exists()
 
 
+def test_a_mask_that_cannot_be_written_is_reported_by_name(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sizes = make_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    (out / "gray.png").mkdir(parents=True)  # a folder where gray's mask should go: that write fails
+    failed = run(predict_cfg(f"ckpt={checkpoint}", f"input={tmp_path / 'in'}", f"output={out}", "batch_size=1"))
+    assert failed == 2  # broken.jpg and gray.png
+    assert "gray.png: cannot write its mask into" in caplog.text
+    assert all((out / f"{stem}.png").is_file() for stem in sizes if stem != "gray")
+
+
 def test_batched_padding_gives_the_same_masks_as_one_at_a_time(checkpoint: Path, tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     (tmp_path / "in").mkdir()
