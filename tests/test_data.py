@@ -139,6 +139,9 @@ def test_rgb_mask_is_refused_with_the_file_name(tmp_path: Path) -> None:
 def test_missing_split_names_the_file(voc_root: Path) -> None:
     with pytest.raises(SegvocError, match="trainaug.txt"):
         VOCSegmentation(voc_root / "VOCdevkit" / "VOC2012", "trainaug")
+    # without the dataset check (data.check=false) the missing trainaug split still says how to make it
+    with pytest.raises(SegvocError, match=f"prepare sbd --root {voc_root}"):
+        VOCSegmentation(voc_root / "VOCdevkit" / "VOC2012", "train_aug")
 
 
 def test_pad_collate_pads_masks_with_ignore() -> None:

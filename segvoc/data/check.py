@@ -25,16 +25,12 @@ from PIL import Image, UnidentifiedImageError
 
 from segvoc.config import validate_data
 from segvoc.data.download import VOC_MEMBER
-from segvoc.data.voc import IMAGE_DIR, MASK_DIR, SPLIT_DIR
+from segvoc.data.voc import AUG_MASK_DIR, AUG_SPLIT, IMAGE_DIR, MASK_DIR, SPLIT_DIR, aug_hint
 from segvoc.errors import SegvocError, user_error
 from segvoc.palette import IGNORE_INDEX, voc_palette
 
 log = logging.getLogger(__name__)
 
-# The SBD-augmented training set ("trainaug") that `python -m segvoc.data.prepare sbd` writes into a VOC2012 folder;
-# segvoc.data.prepare takes these names from here.
-AUG_SPLIT = "train_aug"
-AUG_MASK_DIR = "SegmentationClassAug"
 
 # Every kind of problem, in report order, with what to do about it.
 KINDS: dict[str, str] = {
@@ -262,14 +258,6 @@ def _check_sample(
     return found
 
 
-def _aug_hint(voc: Path) -> str:
-    """The sentence telling how to make the SBD-augmented split and masks of the VOC2012 folder ``voc``."""
-    return (
-        f"The {AUG_SPLIT} split and {AUG_MASK_DIR} masks are made from SBD (Hariharan et al.): run "
-        f"`python -m segvoc.data.prepare sbd --root {voc.parent.parent}` once."
-    )
-
-
 def _read_split_lines(voc: Path, split: str) -> tuple[list[tuple[int, str]], Problem | None]:
     """``([(line number, id), ...], None)`` from a split file, or ``([], problem)`` when it is missing or unreadable."""
     path = voc / SPLIT_DIR / f"{split}.txt"
@@ -277,7 +265,7 @@ def _read_split_lines(voc: Path, split: str) -> tuple[list[tuple[int, str]], Pro
         available = sorted(p.stem for p in (voc / SPLIT_DIR).glob("*.txt"))
         message = f"The split file {path} does not exist (splits there: {', '.join(available) or 'none'})."
         if split == AUG_SPLIT:
-            message += f" {_aug_hint(voc)}"
+            message += f" {aug_hint(voc)}"
         return [], Problem("missing_split", split, None, path, message)
     try:
         text = path.read_text()
@@ -339,7 +327,7 @@ def check_dataset(
     if names and not (voc / mask_dir).is_dir():  # one problem, not one missing mask per id
         message = f"The mask folder {voc / mask_dir} does not exist."
         if mask_dir == AUG_MASK_DIR:
-            message += f" {_aug_hint(voc)}"
+            message += f" {aug_hint(voc)}"
         problems.append(Problem("missing_mask_dir", None, None, voc / mask_dir, message))
         return problems
 

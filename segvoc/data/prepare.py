@@ -40,7 +40,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from segvoc.data.check import AUG_MASK_DIR, AUG_SPLIT, write_index_mask
+from segvoc.data.check import write_index_mask
 from segvoc.data.download import (
     DatasetUnavailableError,
     check_member,
@@ -49,7 +49,7 @@ from segvoc.data.download import (
     md5sum,
     voc_dir,
 )
-from segvoc.data.voc import IMAGE_DIR, MASK_DIR, SPLIT_DIR, read_split
+from segvoc.data.voc import AUG_MASK_DIR, AUG_SPLIT, IMAGE_DIR, MASK_DIR, SPLIT_DIR, read_split
 from segvoc.errors import SegvocError
 
 log = logging.getLogger(__name__)

@@ -20,6 +20,19 @@ SPLIT_DIR = Path("ImageSets") / "Segmentation"
 EXIF_ORIENTATION = 0x0112
 
 
+# The SBD-augmented training set ("trainaug") that `python -m segvoc.data.prepare sbd` writes into a VOC2012 folder.
+AUG_SPLIT = "train_aug"
+AUG_MASK_DIR = "SegmentationClassAug"
+
+
+def aug_hint(voc: Path) -> str:
+    """The sentence telling how to make the SBD-augmented split and masks of the VOC2012 folder ``voc``."""
+    return (
+        f"The {AUG_SPLIT} split and {AUG_MASK_DIR} masks are made from SBD (Hariharan et al.): run "
+        f"`python -m segvoc.data.prepare sbd --root {voc.parent.parent}` once."
+    )
+
+
 def read_split(voc: Path, split: str) -> list[str]:
     """Return the ids listed in ``ImageSets/Segmentation/<split>.txt`` (blank lines skipped)."""
     path = voc / SPLIT_DIR / f"{split}.txt"
@@ -28,6 +41,7 @@ def read_split(voc: Path, split: str) -> list[str]:
         raise SegvocError(
             f"The split file {path} does not exist (splits found there: {available or 'none'}). "
             "Check data.root and the data.train_split / data.val_split names."
+            + (f" {aug_hint(voc)}" if split == AUG_SPLIT else "")
         )
     ids = [line.strip().split()[0] for line in path.read_text().splitlines() if line.strip()]
     if not ids:
