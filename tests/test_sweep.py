@@ -186,7 +186,11 @@ def check_sweep(sweep: Path, output: str, n_jobs: int) -> list[dict]:
         assert entry["status"] == "ok" and 0.0 <= entry["best_score"] <= 1.0 and entry["global_step"] == 2
         assert Path(entry["best_checkpoint"]).is_file()
         assert entry["overrides"] == yaml.safe_load((sweep / entry["job"] / ".hydra" / "overrides.yaml").read_text())
-    assert "val/mIoU" in output and "Sweep summary written to" in output
+        # the table printed at the end: one line per job with its learning rate and its score
+        lr = next(o for o in entry["overrides"] if o.startswith("optimizer.lr="))
+        score = f"{entry['best_score']:.4f}"
+        assert any(lr in line and score in line for line in output.splitlines()), output[-3000:]
+    assert "best val/mIoU" in output and "Sweep summary written to" in output
     return summary["jobs"]
 
 
