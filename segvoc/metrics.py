@@ -21,6 +21,25 @@ class SegmentationMetrics(MulticlassJaccardIndex):
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__(num_classes=num_classes, average="none", ignore_index=ignore_index, validate_args=False)
 
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:  # type: ignore[override]
+        """Add a batch to the confusion matrix without a host-device synchronisation (torchmetrics' own update
+        selects the non-ignored pixels by boolean indexing, which waits for the GPU at every training step).
+
+        Ignored pixels, and labels outside ``0..C-1``, which the dataset check refuses up front, are counted in a
+        spill bin that is dropped.
+        """
+        if preds.dim() == target.dim() + 1:
+            preds = preds.argmax(dim=1)
+        n = self.num_classes
+        target = target.long()
+        index = torch.where((target >= 0) & (target < n), target * n + preds.long(), n * n).flatten()
+        if torch.are_deterministic_algorithms_enabled() and index.is_cuda:
+            counts = torch.bincount(index, minlength=n * n + 1)  # deterministic on CUDA, at the cost of a sync
+        else:
+            counts = torch.zeros(n * n + 1, dtype=self.confmat.dtype, device=index.device)
+            counts.index_add_(0, index, torch.ones((), dtype=counts.dtype, device=index.device).expand(index.numel()))
+        self.confmat += counts[:-1].view(n, n).to(self.confmat.dtype)
+
     def compute(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
         # Once per epoch, a (C, C) copy to the host: float64 keeps pixel counts of a whole split exact.
         confmat = self.confmat.to("cpu", torch.float64)  # rows: ground truth, columns: prediction

@@ -46,3 +46,17 @@ def test_logits_are_accepted_and_reset_clears() -> None:
     assert math.isclose(metrics.compute()["mIoU"], 1.0)
     metrics.reset()
     assert metrics.confmat.sum() == 0
+
+
+def test_sync_free_update_equals_torchmetrics_confusion_matrix() -> None:
+    from torchmetrics.classification import MulticlassConfusionMatrix
+
+    generator = torch.Generator().manual_seed(0)
+    preds = torch.randint(0, 5, (3, 17, 23), generator=generator)
+    target = torch.randint(0, 5, (3, 17, 23), generator=generator)
+    target[torch.rand(target.shape, generator=generator) < 0.2] = 255
+    ours = SegmentationMetrics(num_classes=5)
+    ours.update(preds, target)
+    reference = MulticlassConfusionMatrix(num_classes=5, ignore_index=255)
+    reference.update(preds, target)
+    assert torch.equal(ours.confmat, reference.compute())

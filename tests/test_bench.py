@@ -1,0 +1,161 @@
+"""``python -m segvoc.bench``: every section through the real code paths at tiny sizes, the FLOP count at 513, and
+the plain PyTorch loop that Lightning's overhead is measured against doing the same work as ``Trainer.fit``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader
+
+from segvoc import bench
+from segvoc.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+TINY = bench.Sizes(
+    data_pool=4,
+    data_items=4,
+    loader_images=8,
+    loader_epochs=1,
+    train_warmup=1,
+    train_steps=1,
+    val_rounds=1,
+    predict_images=3,
+)
+SMALL_IMAGES = ["--crop-size", "65", "--image-size", "96x72", "--batch-size", "2", "--val-batch-size", "2"]
+
+
+def test_short_cpu_run_records_every_figure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every section at tiny sizes: each figure the bench promises is in the JSON, positive, with its device."""
+    monkeypatch.setitem(bench.SIZES, (True, "cpu"), TINY)
+    out = tmp_path / "bench.json"
+    # the grid's other settings: test_training_grid; channels_last=off: test_plain_loop_does_the_same_work_as_lightning
+    grid = ["--precision", "32-true", "--precision", "bf16-mixed", "--channels-last", "on"]
+    bench.main(["--short", "--device", "cpu", "--json", str(out), *SMALL_IMAGES, *grid])
+
+    document = json.loads(out.read_text())
+    results = {r["name"]: r for r in document["results"]}
+    failed = {name: r["note"] for name, r in results.items() if r["value"] is None}
+    assert not failed
+    cpu = bench.device_label(torch.device("cpu"))
+    assert cpu.startswith("cpu: ")
+    assert document["environment"]["device"] == cpu
+
+    grid = [f"{precision} channels_last=on compile=off" for precision in ("32-true", "bf16-mixed")]
+    workers = bench.default_num_workers()
+    expected = {
+        "decode + train augmentation, one process on one core": "images/s",
+        "decode + train augmentation, DataLoader with 1 worker": "images/s",
+        f"decode + train augmentation, DataLoader with {workers} workers (one per core)": "images/s",
+        **{f"Lightning fit, {label}": "images/s" for label in grid},
+        **{f"plain PyTorch loop, {label}": "images/s" for label in grid},
+        **{f"Lightning overhead per step, {label}": "%" for label in grid},
+        "trainer.validate, whole images": "images/s",
+        "prediction.run, JPEG files to mask PNGs, start-up included": "images/s",
+        "forward FLOPs (torch: multiply-add = 2)": "GFLOPs",
+        "forward multiply-adds (FLOPs / 2)": "GMACs",
+        "peak host memory, whole run": "MiB",
+    }
+    assert set(results) == set(expected)
+    for name, unit in expected.items():
+        result = results[name]
+        assert result["unit"] == unit, name
+        assert result["device"] == cpu, name
+        assert result["torch"] == torch.__version__
+        assert math.isfinite(result["value"]), name
+        if unit != "%":  # an overhead may come out below zero: the loops differ by less than the noise
+            assert result["value"] > 0, name
+        assert result["host_peak_mib"] is None or result["host_peak_mib"] > 0, name
+    assert results["trainer.validate, whole images"]["settings"]["image_sizes"] == [[72, 96], [96, 72]]
+    assert results["Lightning fit, 32-true channels_last=on compile=off"]["settings"]["channels_last"] is True
+    skipped = {(s["section"], s["what"]) for s in document["skipped"]}
+    assert skipped == {("train", "compile=on"), ("memory", "peak device memory")}
+    assert set(document["section_seconds"]) == set(bench.SECTIONS)
+
+
+def test_training_grid(tmp_path: Path) -> None:
+    """Every precision the device supports x channels_last off/on x compile off/on, eager first; on a CPU no
+    float16 (Lightning runs it on CUDA only), and --short leaves compile out unless asked for."""
+
+    def grid(*argv: str) -> tuple[list[str], set[tuple[str, str]]]:
+        b = bench.Bench(bench.parse_args(["--device", "cpu", *argv]), tmp_path, bench.Console(quiet=True))
+        return [s.label for s in b.train_settings()], {(s["section"], s["what"]) for s in b.skipped}
+
+    labels, skipped = grid("--short")
+    assert labels == [
+        "32-true channels_last=off compile=off",
+        "bf16-mixed channels_last=off compile=off",
+        "32-true channels_last=on compile=off",
+        "bf16-mixed channels_last=on compile=off",
+    ]
+    assert skipped == {("train", "16-mixed"), ("train", "compile=on")}
+    labels, skipped = grid()
+    assert len(labels) == 8 and all("compile=off" in label for label in labels[:4])
+    assert all("compile=on" in label for label in labels[4:])
+    assert skipped == {("train", "16-mixed")}
+    labels, _ = grid("--short", "--compile", "on", "--channels-last", "on", "--precision", "32-true")
+    assert labels == ["32-true channels_last=on compile=on"]
+
+
+def test_flops_at_513_match_the_seed_report(tmp_path: Path) -> None:
+    """torch's counter gives about 34 GFLOPs (a multiply-add counted as 2); the seed's 17.0 'GFLOPs' are its MACs."""
+    out = tmp_path / "flops.json"
+    bench.main(["--device", "cpu", "--sections", "flops", "--json", str(out)])
+
+    results = {r["name"]: r for r in json.loads(out.read_text())["results"]}
+    flops = results["forward FLOPs (torch: multiply-add = 2)"]
+    macs = results["forward multiply-adds (FLOPs / 2)"]
+    assert flops["unit"] == "GFLOPs" and macs["unit"] == "GMACs"
+    assert flops["settings"]["input"] == [1, 3, 513, 513]
+    assert 30 < flops["value"] < 38
+    assert macs["value"] == pytest.approx(flops["value"] / 2)
+    assert macs["value"] == pytest.approx(bench.SEED_REPORT_GFLOPS, rel=0.03)
+    assert "torch's GMACs" in macs["note"]
+    assert flops["device"].startswith("cpu: ")
+
+
+def test_plain_loop_does_the_same_work_as_lightning(tmp_path: Path) -> None:
+    """From the same initial weights, batches and dropout seed, three steps of ``Trainer.fit`` and of the plain loop
+    end with the same weights, BatchNorm statistics and train-metric counts."""
+    args = bench.parse_args(["--device", "cpu", *SMALL_IMAGES])
+    b = bench.Bench(args, tmp_path, bench.Console(quiet=True))
+    steps = 3
+    setting = bench.TrainSetting("32-true", channels_last=False, compile=False)
+    cfg = b.train_config(*bench.training_overrides(setting, steps))
+    generator = torch.Generator().manual_seed(0)
+    samples = [
+        (torch.randint(0, 256, (3, 65, 65), dtype=torch.uint8, generator=generator), torch.randint(0, 21, (65, 65)))
+        for _ in range(2 * steps)
+    ]
+    samples = [(image, mask.to(torch.uint8)) for image, mask in samples]
+
+    def loader() -> DataLoader:
+        return DataLoader(bench.FixedSamples(samples, len(samples)), batch_size=2)
+
+    lightning, clock = bench.lightning_training(cfg, loader(), torch.device("cpu"), warmup=1)
+    torch.manual_seed(0)  # the initial weights lightning_training's module got
+    plain = instantiate(b.train_config(f"trainer.max_steps={steps}").model)
+    times = bench.plain_training(plain, loader(), torch.device("cpu"), setting, IMAGENET_MEAN, IMAGENET_STD, warmup=1)
+
+    assert len(clock.times) == len(times) == steps
+    assert lightning.trainer.global_step == steps
+    for (name, mine), (_, theirs) in zip(
+        lightning.net.state_dict().items(), plain.net.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5, msg=name)
+    # the train metric saw the same predictions (Lightning's module logged it and reset it at the epoch's end)
+    mine = lightning.trainer.callback_metrics["train/mIoU"]
+    torch.testing.assert_close(mine, plain.train_metrics.compute()["mIoU"].float())
+
+
+def test_throughput_uses_the_median_batch_per_step() -> None:
+    times = [0.0, 1.0, 2.0, 12.0, 13.0]  # one batch disturbed by another process
+    rate, seconds = bench.throughput(times, [2] * 5, warmup=1, per_step=True)
+    assert rate == pytest.approx(2.0) and seconds == pytest.approx(13.0)
+    rate, _ = bench.throughput(times, [2] * 5, warmup=1, per_step=False)
+    assert rate == pytest.approx(8 / 13)
+    with pytest.raises(RuntimeError, match="warm-up"):
+        bench.throughput(times[:1], [2], warmup=1, per_step=True)
