@@ -159,15 +159,13 @@ def _announcement_key() -> str:
     return f"segvoc/run_dir/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
-def _hydra_dir_override() -> str | None:
+def _hydra_dir_override() -> str:
     """``hydra.run.dir=<this run's directory>``, or ``hydra.sweep.dir=<this sweep's directory>`` under ``-m``
-    (absolute, quoted as Lightning quotes it); ``None`` outside a Hydra app."""
+    (absolute, quoted as Lightning quotes it)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from hydra.utils import to_absolute_path
 
-    if not HydraConfig.initialized():
-        return None
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
         return f'hydra.sweep.dir="{to_absolute_path(hydra_cfg.sweep.dir)}"'
@@ -202,22 +200,62 @@ def follow_rank_zero(argv: list[str]) -> list[str]:
 
 def share_run_dir(trainer: L.Trainer) -> None:
     """Make the other processes of a distributed run write into this run's directory. Call it in every process
-    once the trainer exists, before ``fit``/``validate`` and before anything slow.
+    once the trainer exists, before ``fit``/``validate`` and before anything slow. Does nothing in a single run of
+    a single process.
 
     Started by torchrun or srun, rank 0 announces its ``hydra.run.dir`` (``hydra.sweep.dir`` under ``-m``) to
-    ``follow_rank_zero`` of the other ranks. Under Lightning's own launcher (``trainer.devices=N``) the processes
-    of ranks > 0 are re-runs of ``sys.argv`` with rank 0's ``hydra.run.dir`` added; under ``-m`` they run the same
-    sweep in step with this process, so ``hydra.sweep.dir`` is added to ``sys.argv`` (once) for their jobs to land
-    in this sweep's job folders instead of a sweep folder of their own. Does nothing in a single process.
+    ``follow_rank_zero`` of the other ranks. Lightning's own launcher (``trainer.devices=N``) starts the other
+    processes itself, re-running ``sys.argv`` with this run's ``hydra.run.dir`` added; under ``-m`` rank 0 makes
+    that this job's command line and folder (``_launch_this_job``).
     """
-    if trainer.world_size == 1 or trainer.global_rank != 0:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if trainer.global_rank != 0 or not HydraConfig.initialized():
         return
-    override = _hydra_dir_override()
-    if override is None:
+    environment = external_launch()
+    if environment is not None:
+        _launch_store(environment).set(_announcement_key(), _hydra_dir_override())
+    elif HydraConfig.get().mode == RunMode.MULTIRUN:
+        _launch_this_job(trainer.world_size)
+
+
+# What Lightning's launcher sets in rank 0's environment when it starts the other processes
+_LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+_environ_before_launch: dict[str, str | None] = {}
+
+
+def _launch_this_job(world_size: int) -> None:
+    """Under ``-m``, have Lightning's launcher start this job's other processes for this job alone.
+
+    The previous job's processes are gone: its process group is closed and the environment restored to what it
+    was before Lightning's first launch (else Lightning would take this job for one launched from outside and start
+    nobody, and a single-process job would sync its metrics with the dead). With ``world_size`` > 1, ``sys.argv``
+    becomes this job's command line (Hydra's flags but ``-m``, the job's overrides instead of the sweep's;
+    ``run.json`` records it) and Hydra's ``run.dir`` the job's folder: the new processes run the job as a single
+    run there, leaving the sweep (``multirun.yaml``, the summary, an Optuna study) to this process.
+    """
+    import torch.distributed as dist
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import read_write
+
+    if not _environ_before_launch:
+        _environ_before_launch.update({name: os.environ.get(name) for name in _LAUNCH_VARIABLES})
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for name, value in _environ_before_launch.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    if world_size == 1:
         return
-    environment = getattr(trainer.strategy, "cluster_environment", None)
-    if environment is not None and environment.creates_processes_externally:
-        if external_launch() is not None:
-            _launch_store(environment).set(_announcement_key(), override)
-    elif override.startswith("hydra.sweep.dir=") and override not in sys.argv:
-        sys.argv.append(override)
+
+    hydra_cfg = HydraConfig.get()
+    given = get_args_parser().parse_args(sys.argv[1:]).overrides
+    flags = [arg for arg in sys.argv[1:] if arg not in ("-m", "--multirun") and arg not in given]
+    job = [o for o in hydra_cfg.overrides.hydra if not o.startswith("hydra.mode=")] + list(hydra_cfg.overrides.task)
+    sys.argv[1:] = [*flags, *job]
+    with read_write(hydra_cfg.run):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir  # what Lightning passes on as hydra.run.dir

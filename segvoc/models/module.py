@@ -71,6 +71,7 @@ class SegmentationModule(L.LightningModule):
         self.channels_last = channels_last
         self.compile_net = compile
         self._norm: tuple[torch.Tensor, ...] | None = None
+        self._shown_loss: torch.Tensor | None = None
         self.train_metrics = SegmentationMetrics(num_classes, ignore_index)
         self.val_metrics = SegmentationMetrics(num_classes, ignore_index)
         self.val_scores: dict[str, torch.Tensor] = {}
@@ -113,8 +114,14 @@ class SegmentationModule(L.LightningModule):
         logits = self(images)
         loss = self._loss(logits, masks)
         self.train_metrics.update(logits.detach().argmax(dim=1), masks)
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # under DDP: the mean over the processes
-        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
+        self.log("train/loss", loss, sync_dist=True)  # under DDP: the mean over the processes
+        # Lightning reads every progress-bar value with .item() after every step, which makes the host wait for the
+        # GPU; the bar gets CPU tensors instead: the loss copied at the logging steps (when the logger reads it
+        # anyway) and the learning rate (a Python float would be copied to the GPU, another wait)
+        if self._shown_loss is None or (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0:
+            self._shown_loss = loss.detach().float().cpu()
+        self.log("loss", self._shown_loss, prog_bar=True, logger=False)
+        self.log("lr", torch.tensor(self.optimizers().param_groups[0]["lr"]), prog_bar=True)
         return loss
 
     def on_train_epoch_end(self) -> None:

@@ -1,0 +1,184 @@
+"""Distributed training (``trainer=ddp``) with two CPU processes (gloo), started by Lightning, torchrun and srun
+as the README says: one run directory, validation metrics of the whole split, the schedule in global steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from segvoc.config import ConfigError
+from segvoc.training import evaluate, train
+from tests.conftest import REPO, run_script
+
+FIGURES = ("overall_acc", "mean_acc", "freqw_acc", "mean_iou")
+
+
+def ddp_args(voc_root: Path, processes: int = 2) -> list[str]:
+    """``trainer=ddp`` on ``processes`` CPU processes (no SyncBatchNorm: PyTorch's needs GPUs), tiny data."""
+    return [
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        f"trainer.devices={processes}",
+        "trainer.sync_batchnorm=false",
+        f"data.root={voc_root}",
+        "data.download=false",
+        "data.num_workers=0",
+        "data.batch_size=4",
+        "data.val_batch_size=2",
+        "data.crop_size=64",
+        "model.net.pretrained=false",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.model_summary",
+    ]
+
+
+def only_child(folder: Path) -> Path:
+    children = list(folder.iterdir())
+    assert len(children) == 1, f"{folder}: {sorted(p.name for p in children)}"
+    return children[0]
+
+
+def assert_one_run(run: Path) -> None:
+    """One TensorBoard stream and one result, written by rank 0; the other process only logs beside it."""
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert [p.relative_to(run) for p in run.rglob("result.json")] == [Path("result.json")]
+    assert (run / "train_ddp_process_1.log").is_file()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(command: list[str], cwd: Path, **env: str) -> subprocess.Popen:
+    """Start ``command`` in ``cwd`` with ``env`` added, outside any torchrun or SLURM launch this test runs in, one
+    thread a process (as Lightning's own launcher sets it: gloo crawls when the processes oversubscribe the cores)."""
+    launchers = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    base = {k: v for k, v in os.environ.items() if k not in launchers and not k.startswith(("SLURM_", "TORCHELASTIC_"))}
+    return subprocess.Popen(
+        command,
+        cwd=cwd,
+        env={**base, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(procs: list[subprocess.Popen], timeout: int = 300) -> None:
+    try:
+        outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, output in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, output[-3000:]
+
+
+def test_sync_batchnorm_on_cpu_is_refused_before_training(make_cfg) -> None:
+    with pytest.raises(ConfigError, match="trainer.sync_batchnorm=false"):
+        train(make_cfg("trainer=ddp", "trainer.devices=2"))
+
+
+@pytest.mark.slow
+def test_ddp_writes_one_run_and_validates_the_whole_split(voc_root: Path, tmp_path: Path, make_cfg) -> None:
+    status, output = run_script("train.py", ddp_args(voc_root), cwd=tmp_path)
+    assert status == 0, output[-3000:]
+    run = only_child(tmp_path / "outputs" / "train")
+    assert_one_run(run)
+    # 12 images, global batch 4: 2 per process, 3 steps an epoch; the poly schedule counts global (optimizer) steps
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2 and state["lr_schedulers"][0]["last_epoch"] == 2
+    assert json.loads((run / "result.json").read_text())["global_step"] == 2
+
+    # The 4 validation images are split between the processes; their confusion matrices are summed, so scoring
+    # the checkpoint with two processes gives exactly what one process gives.
+    ckpt = shutil.copy(run / "checkpoints" / "last.ckpt", tmp_path / "model.ckpt")
+    args = [*ddp_args(voc_root), "train=false", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}"]
+    status, output = run_script("train.py", args, cwd=tmp_path)
+    assert status == 0, output[-3000:]
+    two = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    one = evaluate(make_cfg("train=false", f"ckpt_path={ckpt}"))
+    assert [row["pixels"] for row in two["classes"]] == [row["pixels"] for row in one["classes"]]
+    assert sum(row["pixels"] for row in one["classes"]) > 0
+    assert {k: two[k] for k in FIGURES} == pytest.approx({k: one[k] for k in FIGURES}, rel=1e-9)
+    assert only_child(tmp_path / "outputs" / "train") == run  # the evaluation wrote only its own folder
+
+
+@pytest.mark.slow
+def test_ddp_sweep_starts_each_jobs_processes_for_that_job(voc_root: Path, tmp_path: Path) -> None:
+    # the second job saves validation pictures: the other process writes its share only if it ran that job's config
+    args = ["-m", "save_val_results=false,true", *ddp_args(voc_root)]
+    status, output = run_script("train.py", args, cwd=tmp_path)
+    assert status == 0, output[-3000:]
+    assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["multirun"]
+    sweep = only_child(tmp_path / "outputs" / "multirun" / "train")
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    for job in ("0", "1"):
+        assert_one_run(sweep / job)
+    assert not (sweep / "0" / "val_results").exists()
+    assert {p.name[:6] for p in (sweep / "1" / "val_results").iterdir()} == {"rank0_", "rank1_"}
+    # the sweep's record and summary are rank 0's alone
+    assert OmegaConf.load(sweep / "multirun.yaml").hydra.job.name == "train"
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert [job["status"] for job in summary["jobs"]] == ["ok", "ok"]
+
+
+@pytest.mark.slow
+def test_torchrun_on_two_nodes(voc_root: Path, tmp_path: Path) -> None:
+    """The README's two-node torchrun commands, both nodes on this machine with one process each."""
+    port = free_port()
+    procs = [
+        launch(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node_rank={node}",
+                "--nproc_per_node=1",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                str(REPO / "train.py"),
+                *ddp_args(voc_root, processes=1),
+                "trainer.num_nodes=2",
+            ],
+            tmp_path,
+        )
+        for node in (0, 1)
+    ]
+    finish(procs)
+    run = only_child(tmp_path / "outputs" / "train")
+    assert_one_run(run)
+
+
+@pytest.mark.slow
+def test_srun_tasks_share_one_run(voc_root: Path, tmp_path: Path) -> None:
+    """Two tasks as ``srun`` starts them for ``--nodes=1 --ntasks-per-node=2`` (SLURM's variables, no SLURM)."""
+    slurm = {
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_NNODES": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "127.0.0.1",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "segvoc",
+        "MASTER_PORT": str(free_port()),
+    }
+    command = [sys.executable, str(REPO / "train.py"), *ddp_args(voc_root)]
+    procs = [launch(command, tmp_path, **slurm, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)) for rank in (1, 0)]
+    finish(procs)
+    assert_one_run(only_child(tmp_path / "outputs" / "train"))
