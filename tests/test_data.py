@@ -175,6 +175,15 @@ def test_size_grouped_batches_cover_every_image_once_across_ranks() -> None:
     assert all(len({sizes[i] for i in batch}) == 1 for share in shares for batch in share)
 
 
+def test_every_process_gets_a_validation_batch_when_batches_are_few() -> None:
+    sizes = [(5, 7)] * 4  # one batch of 8 would leave three of four processes without any
+    shares = [list(SizeGroupedBatchSampler(sizes, 8, num_replicas=4, rank=r)) for r in range(4)]
+    assert all(len(share) == 1 for share in shares)
+    assert sorted(i for share in shares for batch in share for i in batch) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="3 images cannot give each of 4 processes"):
+        SizeGroupedBatchSampler(sizes[:3], 8, num_replicas=4, rank=0)
+
+
 def test_global_batch_must_divide_over_processes(voc_root: Path) -> None:
     dm = VOCDataModule(root=voc_root, batch_size=6)
 

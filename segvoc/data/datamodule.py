@@ -216,6 +216,11 @@ class VOCDataModule(L.LightningDataModule):
         world_size, rank = self._world()
         if self._val_sizes is None:
             self._val_sizes = self.val_set.image_sizes() if not self.crop_val else [(0, 0)] * len(self.val_set)
+        if len(self._val_sizes) < world_size:
+            raise SegvocError(
+                f"The {self.val_split} split has {len(self._val_sizes)} images for {world_size} processes: each "
+                "process validates at least one. Train on fewer devices or list more images in the split."
+            )
         sampler = SizeGroupedBatchSampler(self._val_sizes, self.val_batch_size, world_size, rank)
         collate = partial(pad_collate, ignore_index=self.ignore_index)
         return DataLoader(self.val_set, batch_sampler=sampler, collate_fn=collate, **self._loader_options())

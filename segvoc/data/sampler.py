@@ -14,7 +14,8 @@ class SizeGroupedBatchSampler(Sampler[list[int]]):
     padded border and ASPP's image pooling see the padding. Grouping by size needs no padding, so batched
     validation gives exactly the per-image metrics. Batches keep the dataset's order of first appearance (the same
     every epoch). With ``num_replicas > 1`` rank ``rank`` gets every ``num_replicas``-th batch: each image is seen by
-    exactly one process, none twice (unlike ``DistributedSampler``, which repeats images to even out the shares).
+    exactly one process, none twice (unlike ``DistributedSampler``, which repeats images to even out the shares);
+    batches are split when there are fewer than processes, so that every process gets one.
     """
 
     def __init__(self, sizes: Sequence[tuple[int, int]], batch_size: int, num_replicas: int = 1, rank: int = 0) -> None:
@@ -26,6 +27,13 @@ class SizeGroupedBatchSampler(Sampler[list[int]]):
         for index, size in enumerate(sizes):
             groups.setdefault(tuple(size), []).append(index)
         batches = [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+        if len(sizes) < num_replicas:
+            raise ValueError(f"{len(sizes)} images cannot give each of {num_replicas} processes at least one")
+        while len(batches) < num_replicas:  # every process needs a batch (Lightning fails on an empty loader)
+            largest = max(batches, key=len)
+            batches.remove(largest)
+            half = (len(largest) + 1) // 2
+            batches += [largest[:half], largest[half:]]
         batches.sort(key=lambda batch: batch[0])
         self.batches = batches[rank::num_replicas]
 
