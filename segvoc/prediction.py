@@ -28,7 +28,7 @@ from segvoc.checkpoint import load_model
 from segvoc.data.datamodule import default_num_workers
 from segvoc.data.sampler import SizeGroupedBatchSampler
 from segvoc.data.transforms import normalize
-from segvoc.data.voc import displayed_size
+from segvoc.data.voc import displayed_sizes
 from segvoc.errors import SegvocError
 from segvoc.inference import crop_to_sizes, infer
 from segvoc.palette import IGNORE_INDEX, lookup_table
@@ -165,7 +165,7 @@ def run(cfg: DictConfig) -> int:
 
     workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
     # batches of one image size: no padding, so a mask never depends on the other images of its batch
-    sizes = [displayed_size(f) or (-1 - i, 0) for i, f in enumerate(files)]  # unreadable: a batch of its own
+    sizes = displayed_sizes(files)
     loader = DataLoader(
         ImageFiles(files),
         batch_sampler=SizeGroupedBatchSampler(sizes, cfg.batch_size),

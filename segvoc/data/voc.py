@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,12 @@ def displayed_size(path: Path) -> tuple[int, int] | None:
     return (width, height) if turned else (height, width)
 
 
+def displayed_sizes(paths: Sequence[Path]) -> list[tuple[int, int]]:
+    """``displayed_size`` of every file, for grouping images of one size into batches; a file whose header cannot
+    be read gets a size of its own, ``(-1 - i, 0)``, so it forms a batch alone (its reader reports the error)."""
+    return [displayed_size(path) or (-1 - i, 0) for i, path in enumerate(paths)]
+
+
 def read_mask(path: Path) -> np.ndarray:
     """Read a VOC mask as class indices ``(H, W)`` uint8: palette (``P``) or grayscale (``L``) PNGs only.
 
@@ -92,8 +98,7 @@ class VOCSegmentation(Dataset):
     Ids in ``exclude`` (samples the dataset check found broken) are left out.
     ``dataset[i]`` returns ``(image, mask)``: the image as a uint8 ``(3, H, W)`` RGB tensor and the mask as a uint8
     ``(H, W)`` tensor of class indices (255 = ignore), both as the transform leaves them; normalisation and the
-    conversion of masks to int64 happen on the device (``SegmentationModule.on_after_batch_transfer``). With
-    ``return_index`` it returns ``(image, mask, i)``.
+    conversion of masks to int64 happen on the device (``SegmentationModule.on_after_batch_transfer``).
     """
 
     def __init__(
@@ -103,7 +108,6 @@ class VOCSegmentation(Dataset):
         transform: Callable[..., dict[str, Any]] | None = None,
         mask_dir: str = MASK_DIR,
         exclude: set[str] | None = None,
-        return_index: bool = False,
     ) -> None:
         self.voc = Path(voc)
         self.split = split
@@ -111,7 +115,6 @@ class VOCSegmentation(Dataset):
         self.ids = [i for i in read_split(self.voc, split) if not exclude or i not in exclude]
         self.image_dir = self.voc / IMAGE_DIR
         self.mask_dir = self.voc / mask_dir
-        self.return_index = return_index
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -122,11 +125,10 @@ class VOCSegmentation(Dataset):
         return self.image_dir / f"{name}.jpg", self.mask_dir / f"{name}.png"
 
     def image_sizes(self) -> list[tuple[int, int]]:
-        """``(height, width)`` of every image as ``read_image`` gives it, from the file headers (no decoding); an
-    unreadable header gets a size of its own."""
-        return [displayed_size(self.paths(index)[0]) or (-1 - index, 0) for index in range(len(self))]
+        """``(height, width)`` of every image as ``read_image`` gives it (see ``displayed_sizes``)."""
+        return displayed_sizes([self.paths(index)[0] for index in range(len(self))])
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, mask_path = self.paths(index)
         image, mask = read_image(image_path), read_mask(mask_path)
         if image.shape[:2] != mask.shape:
@@ -137,5 +139,4 @@ class VOCSegmentation(Dataset):
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        sample = (torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), torch.from_numpy(mask))
-        return (*sample, index) if self.return_index else sample
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), torch.from_numpy(mask)
