@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 from segvoc.errors import exit_on_user_error
 from segvoc.rundir import follow_rank_zero, register_resolvers
-from segvoc.training import evaluate, train
+from segvoc.training import evaluate, optimized_value, train
 
 register_resolvers()
 
@@ -18,10 +18,9 @@ def main(cfg: DictConfig) -> float | None:
     try:
         if not cfg.train:
             return evaluate(cfg)["mean_iou"]
-        metrics = train(cfg)
+        return optimized_value(train(cfg), cfg.optimized_metric)  # what a Hydra sweeper optimises
     except Exception as exc:
         exit_on_user_error(exc)
-    return metrics.get("best/val/mIoU")  # what a Hydra sweeper optimises
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ def validate_config(cfg: DictConfig) -> None:
     ):
         _positive(cfg, key)
     _positive(cfg, "optimizer.lr", float)
+    _validate_optimized_metric(cfg)
     net = cfg.model.get("net") or {}
     stride = net.get("output_stride")
     if stride is not None and stride not in (8, 16):
@@ -100,6 +101,23 @@ def validate_config(cfg: DictConfig) -> None:
                 f"{path} was trained for {ckpt_classes} classes but data.num_classes={num_classes}; "
                 "use data with the checkpoint's classes."
             )
+
+
+def _validate_optimized_metric(cfg: DictConfig) -> None:
+    """``optimized_metric`` must name a metric that training logs, or ``best/<monitor>`` of a checkpoint callback."""
+    name = cfg.get("optimized_metric")
+    if name is None or not cfg.get("train", True):
+        return
+    from segvoc.models.module import logged_metric_names
+    from segvoc.palette import default_class_names
+
+    classes = cfg.data.get("classes") or default_class_names(cfg.data.num_classes)
+    monitors = [c.get("monitor") for c in (cfg.get("callbacks") or {}).values() if isinstance(c, DictConfig)]
+    known = logged_metric_names(classes) + [f"best/{m}" for m in monitors if m]
+    if name not in known:
+        raise ConfigError(
+            f"optimized_metric={name} is not a metric this run logs; choose one of {', '.join(known)}."
+        )
 
 
 def _is_int(value: Any) -> bool:

@@ -16,6 +16,11 @@ IGNORE_INDEX = 255
 Palette = Sequence[Sequence[int]] | np.ndarray  # class colours: (N, 3) [R, G, B] rows, or flat [R, G, B, R, ...]
 
 
+def default_class_names(num_classes: int) -> list[str]:
+    """VOC's names for 21 classes, ``class_<i>`` otherwise."""
+    return list(VOC_CLASSES) if num_classes == len(VOC_CLASSES) else [f"class_{i}" for i in range(num_classes)]
+
+
 def voc_palette(n: int = 256) -> np.ndarray:
     """Return the VOC colour map as a ``(n, 3)`` uint8 array; index 255 is the cream boundary colour.
 

@@ -18,7 +18,6 @@ from rich.table import Table
 
 from segvoc.checkpoint import CheckpointError, load_model
 from segvoc.config import ConfigError, validate_config
-from segvoc.models.module import SegmentationModule
 from segvoc.rundir import record_result, record_run, share_run_dir
 
 log = logging.getLogger(__name__)
@@ -93,6 +92,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def optimized_value(metrics: dict[str, float], name: str) -> float:
+    """``metrics[name]``: the figure a sweeper optimises (``optimized_metric``). A name the run did not log is a
+    ``ConfigError`` that lists those it did, never a ``None`` handed to the sweeper."""
+    if name not in metrics:
+        raise ConfigError(
+            f"optimized_metric={name} is not a metric of this run; it logged {', '.join(sorted(metrics))}. Choose "
+            "one of those (best/<monitor> needs a checkpoint callback that monitors <monitor>)."
+        )
+    return metrics[name]
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score the checkpoint ``cfg.ckpt_path`` on the validation split without training (``train=false``).
 
@@ -118,12 +128,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"{cfg.ckpt_path} predicts {len(class_names)} classes but data.num_classes={cfg.data.num_classes}; "
             "evaluate it on data with the same classes, or set data.num_classes to match."
         )
-    model = SegmentationModule(
-        net,
-        num_classes=len(class_names),
+    # the model config as in training (ignore index, palette, inference protocol, speed options: data.* flows in
+    # through it), with the checkpoint's network and class names, and nothing to optimise
+    model: L.LightningModule = hydra.utils.instantiate(
+        cfg.model,
+        net=net,
         class_names=class_names,
-        inference=OmegaConf.to_container(cfg.model.inference),
-        num_val_images=cfg.model.num_val_images,
+        palette=cfg.model.get("palette") or meta.get("palette"),
+        optimizer=None,
+        scheduler=None,
         save_val_dir=_save_val_dir(cfg),
     )
     trainer.validate(model, datamodule=datamodule, verbose=False)

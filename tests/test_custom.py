@@ -23,7 +23,7 @@ from segvoc.models.deeplab import deeplabv3plus_mobilenet
 from segvoc.palette import VOC_CLASSES, colorize
 from segvoc.prediction import run as predict
 from segvoc.seed_format import convert_seed_checkpoint
-from segvoc.training import train
+from segvoc.training import evaluate, train
 from tests.conftest import compose_config, run_script
 from tests.test_convert import SeedDeepLabV3Plus, _randomise, _seed_checkpoint
 from tests.test_train import scalars
@@ -135,6 +135,27 @@ def test_val_panels_draw_the_dataset_colours(trained: tuple[dict[str, float], Pa
     assert np.array_equal(truth, colorize(mask, PALETTE, IGNORE))
     assert tuple(truth[mask == 1][0]) == tuple(PALETTE[1]) and tuple(truth[mask == IGNORE][0]) == (224, 224, 192)
     assert {tuple(c) for c in prediction.reshape(-1, 3)} <= {tuple(c) for c in PALETTE}
+
+
+def test_evaluation_honours_the_custom_ignore_index_and_palette(
+    trained: tuple[dict[str, float], Path], custom_root: Path, tmp_path: Path
+) -> None:
+    """``train=false`` on custom data: the loss skips the custom ignore label (an index out of the classes' range
+    would crash cross-entropy), the figures equal training's validation of the same weights, and the saved panels
+    draw the dataset's colours."""
+    metrics, run_dir = trained
+    cfg = custom_cfg(
+        custom_root, tmp_path / "eval", "train=false", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+        "save_val_results=true",
+    )  # fmt: skip
+    report = evaluate(cfg)
+    assert report["mean_iou"] == pytest.approx(metrics["val/mIoU"], abs=1e-6)
+    assert [row["name"] for row in report["classes"]] == CLASSES
+    first_val = (custom_root / "ImageSets/Segmentation/val.txt").read_text().split()[0]
+    mask = np.array(Image.open(custom_root / "SegmentationClass" / f"{first_val}.png"))
+    picture = np.array(Image.open(sorted((tmp_path / "eval" / "val_results").glob("*.png"))[0]))
+    width = mask.shape[1]
+    assert np.array_equal(picture[:, width : 2 * width], colorize(mask, PALETTE, IGNORE))
 
 
 def test_prediction_writes_the_checkpoint_colours(trained: tuple[dict[str, float], Path], custom_root: Path) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import platform
+import sys
 from pathlib import Path
 
+import lightning
 import pytest
 import torch
 
@@ -103,8 +106,11 @@ def test_run_directory_records_command_versions_and_commit(make_cfg) -> None:
     cfg = make_cfg("trainer.max_steps=2")
     train(cfg)
     record = json.loads((Path(cfg.output_dir) / "run.json").read_text())
-    assert record["packages"]["torch"] == torch.__version__.split("+")[0] or record["packages"]["torch"]
-    assert record["command"] and record["python"]
+    # what pip installed (the wheel's metadata), against what the running interpreter imported
+    assert record["packages"]["torch"] == torch.__version__.split("+")[0]
+    assert record["packages"]["lightning"] == lightning.__version__
+    assert record["python"] == platform.python_version()
+    assert record["command"][0] == sys.executable
     assert "git_commit" in record and (record["git_commit"] is None or len(record["git_commit"]) == 40)
 
 

@@ -214,13 +214,35 @@ def test_optuna_search_runs_trials_and_summarises_them(voc_root: Path, tmp_path:
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "sweep"
     args = ["-m", "+hparams_search=voc_optuna", "experiment=demo", f"data.root={voc_root}", *SHRINK]
+    # the objective is the config's optimized_metric (here the last val/loss, minimised), not a fixed best mIoU
+    objective = ["optimized_metric=val/loss", "hydra.sweeper.direction=minimize"]
     status, output = run_script(
-        "train.py", [*args, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}"], cwd=tmp_path
+        "train.py", [*args, *objective, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}"], cwd=tmp_path
     )
     assert status == 0, output[-3000:]
     jobs = check_sweep(sweep, output, n_jobs=2)
     optuna_result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert optuna_result["best_value"] == pytest.approx(max(job["best_score"] for job in jobs))
+    losses = [json.loads((sweep / str(i) / "result.json").read_text())["metrics"]["val/loss"] for i in range(2)]
+    assert optuna_result["best_value"] == pytest.approx(min(losses))
     for job in jobs:
         lr = next(float(o.split("=")[1]) for o in job["overrides"] if o.startswith("optimizer.lr="))
         assert 1e-3 <= lr <= 5e-2
+
+
+def test_optimized_metric_is_checked_before_training(make_cfg) -> None:
+    from segvoc.config import ConfigError, validate_config
+
+    assert compose_config([]).optimized_metric == "best/val/mIoU"
+    for name in ("best/val/mIoU", "val/loss", "val/iou/person"):
+        validate_config(make_cfg(f"optimized_metric={name}"))
+    with pytest.raises(ConfigError, match=r"optimized_metric=val/miou .*best/val/mIoU"):
+        validate_config(make_cfg("optimized_metric=val/miou"))
+
+
+def test_optimized_value_names_what_the_run_logged() -> None:
+    from segvoc.config import ConfigError
+    from segvoc.training import optimized_value
+
+    assert optimized_value({"val/mIoU": 0.5, "best/val/mIoU": 0.7}, "val/mIoU") == 0.5
+    with pytest.raises(ConfigError, match=r"optimized_metric=best/val/mIoU .* val/mIoU"):
+        optimized_value({"val/mIoU": 0.5}, "best/val/mIoU")

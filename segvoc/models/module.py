@@ -17,13 +17,16 @@ from segvoc.checkpoint import META_KEY, describe
 from segvoc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from segvoc.inference import crop_to_sizes, infer
 from segvoc.metrics import SegmentationMetrics
-from segvoc.palette import IGNORE_INDEX, VOC_CLASSES, class_palette
+from segvoc.palette import IGNORE_INDEX, class_palette, default_class_names
 from segvoc.visualize import confusion_image, denormalize, panel
 
 
-def default_class_names(num_classes: int) -> list[str]:
-    """VOC's names for 21 classes, ``class_<i>`` otherwise."""
-    return list(VOC_CLASSES) if num_classes == len(VOC_CLASSES) else [f"class_{i}" for i in range(num_classes)]
+def logged_metric_names(class_names: Sequence[str]) -> list[str]:
+    """The names of the metrics a training run logs (``trainer.callback_metrics``), for ``class_names``."""
+    return [
+        "train/loss", "train/mIoU", "lr", "val/loss", "val/mIoU", "val/acc", "val/mean_acc", "val/fw_iou",
+        *(f"val/iou/{name}" for name in class_names),
+    ]  # fmt: skip
 
 
 class SegmentationModule(L.LightningModule):
