@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import logging
 import os
-import secrets
 import signal
 import threading
 from pathlib import Path
@@ -19,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from segvoc.errors import SegvocError
+from segvoc.files import atomic_save
 
 log = logging.getLogger(__name__)
 
@@ -38,40 +36,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         target = Path(path)
-        folder = target.parent
-        tmp = folder / f".{target.name}.{secrets.token_hex(4)}.tmp"
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "xb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            if isinstance(exc, OSError):
-                raise SegvocError(
-                    f"Cannot write the checkpoint {target.name} into {folder}: {exc.strerror or exc}. Free some disk "
-                    "space there and check that you may write to it, or write the run elsewhere with "
-                    "hydra.run.dir=/other/folder."
-                ) from exc
-            raise
-        _fsync_folder(folder)
-        for stale in glob.glob(os.path.join(glob.escape(str(folder)), f".{glob.escape(target.name)}.*.tmp")):
-            with contextlib.suppress(OSError):
-                os.remove(stale)
-
-
-def _fsync_folder(folder: Path) -> None:
-    # The rename is durable only once the folder's entry reaches the disk. Some filesystems (and Windows) cannot
-    # fsync a folder; that weakens durability after a power cut, never the atomicity of the rename.
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            atomic_save(target, lambda f: torch.save(checkpoint, f))
+        except OSError as exc:
+            raise SegvocError(
+                f"Cannot write the checkpoint {target.name} into {target.parent}: {exc.strerror or exc}. Free some "
+                "disk space there and check that you may write to it, or write the run elsewhere with "
+                "hydra.run.dir=/other/folder."
+            ) from exc
 
 
 class SaveOnInterrupt(L.Callback):

@@ -3,15 +3,13 @@ report's tool (DeepLabV3Plus-Pytorch format) into segvoc's format, which ``predi
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from segvoc.checkpoint import META_KEY, CheckpointError, read_checkpoint
-from segvoc.errors import SegvocError
+from segvoc.cli import command, command_parser, run_command
 from segvoc.seed_format import convert_seed_checkpoint, seed_safe_globals
 
 
@@ -48,10 +46,14 @@ def summary(checkpoint: dict[str, Any], target: Path) -> str:
     )
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (1 with a message on stderr for a user error)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m segvoc.convert", description="Convert a seed-tool checkpoint to segvoc's format."
+    parser = command_parser(
+        "segvoc.convert",
+        "Convert a checkpoint of the seed report's tool (DeepLabV3Plus-Pytorch, deeplabv3plus_mobilenet) to segvoc's\n"
+        "self-describing format. predict.py and train.py also read seed checkpoints directly.",
+        ["python -m segvoc.convert best_deeplabv3plus_mobilenet_voc_os16.pth seed.ckpt"],
     )
     parser.add_argument("input", type=Path, help="checkpoint written by the seed report's tool")
     parser.add_argument("output", type=Path, help="where to write the segvoc checkpoint")
@@ -63,14 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         help="output stride to run the network at; the file does not record it (default: 16, the seed tool's)",
     )
     args = parser.parse_args(argv)
-    try:
-        checkpoint = convert_file(args.input, args.output, args.output_stride)
-    except SegvocError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    checkpoint = convert_file(args.input, args.output, args.output_stride)
     print(summary(checkpoint, args.output))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -10,14 +10,11 @@ failed, with the last error of its log when there is one.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import logging
-import os
 import re
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
+
+from segvoc.cli import command, command_parser, run_command
+from segvoc.errors import SegvocError
+from segvoc.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +114,7 @@ def write_summary(results: SweepResults) -> list[Path]:
     paths = []
     for name in SUMMARY_FILES:
         path = sweep_dir / name
-        tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
-        tmp.write_text(texts[name])
-        os.replace(tmp, path)
+        atomic_write_text(path, texts[name])
         paths.append(path)
     return paths
 
@@ -168,17 +167,22 @@ class SweepSummary(Callback):
             log.info("Sweep summary written to %s", ", ".join(str(p) for p in paths))
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     """``python -m segvoc.sweep <sweep dir>``: print and write the summary; exit status 1 when no job was found."""
-    parser = argparse.ArgumentParser(
-        prog="python -m segvoc.sweep",
-        description="Summarise a multirun: one row per job (overrides, best score, final step, best checkpoint), "
-        "best first; writes summary.csv, summary.json and summary.md into the sweep folder.",
+    parser = command_parser(
+        "segvoc.sweep",
+        "Summarise a multirun: one row per job (overrides, best score, final step, best checkpoint), best first;\n"
+        "writes summary.csv, summary.json and summary.md into the sweep folder.",
+        ["python -m segvoc.sweep outputs/multirun/train/2026-12-02_10-00-00"],
     )
     parser.add_argument("sweep_dir", type=Path, help="the sweep folder, e.g. outputs/multirun/train/<date>_<time>")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
-        parser.error(f"{args.sweep_dir} is not a folder")
+        raise SegvocError(
+            f"{args.sweep_dir} is not a folder; give the sweep folder that a multirun printed (it holds one "
+            "numbered folder per job), e.g. outputs/multirun/train/<date>_<time>."
+        )
     results = summarize(args.sweep_dir)
     print_summary(results)
     if not results.jobs:
@@ -296,4 +300,4 @@ def _markdown(results: SweepResults) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -10,13 +10,15 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import ParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from segvoc.checkpoint import CheckpointError, load_model
+from segvoc.checkpoint_io import AtomicCheckpointIO
 from segvoc.config import ConfigError, validate_config
 from segvoc.rundir import record_result, record_run, share_run_dir
 
@@ -47,6 +49,21 @@ def _require_gpus_for_sync_batchnorm(cfg: DictConfig, trainer: L.Trainer) -> Non
         )
 
 
+def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Logger]) -> L.Trainer:
+    """The ``cfg.trainer`` Trainer with ``callbacks`` and ``loggers``. Checkpoints are always written crash-safely
+    (``AtomicCheckpointIO``): it is added here, not in the config, so overriding ``trainer.plugins`` cannot drop
+    it; only a ``CheckpointIO`` plugin of the user's own replaces it."""
+    plugins = [hydra.utils.instantiate(p) for p in cfg.trainer.get("plugins") or []]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins
+    )
+    _require_gpus_for_sync_batchnorm(cfg, trainer)
+    share_run_dir(trainer)
+    return trainer
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Instantiate data module, model, callbacks, loggers and trainer from ``cfg``, fit, and return the metrics.
 
@@ -58,9 +75,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     validate_config(cfg)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    _require_gpus_for_sync_batchnorm(cfg, trainer)
-    share_run_dir(trainer)
+    trainer = build_trainer(cfg, callbacks, loggers)
     if trainer.is_global_zero:
         record_run(cfg.output_dir)
     L.seed_everything(cfg.seed, workers=True)
@@ -115,8 +130,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise CheckpointError("train=false evaluates a checkpoint: give it with ckpt_path=/path/to/model.ckpt.")
     validate_config(cfg)
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
-    share_run_dir(trainer)
+    trainer = build_trainer(cfg, [], loggers)
     if trainer.is_global_zero:
         record_run(cfg.output_dir)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import pytest
 import torch
@@ -23,7 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from segvoc.checkpoint_io import AtomicCheckpointIO
 from segvoc.errors import SegvocError
-from segvoc.training import train
+from segvoc.training import build_trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_LR = 0.01  # conf/optimizer/sgd.yaml
@@ -220,9 +219,14 @@ def test_a_read_only_folder_is_named(tmp_path: Path) -> None:
         folder.chmod(0o700)
 
 
-def test_the_trainer_config_writes_through_the_plugin(make_cfg) -> None:
-    cfg = make_cfg()
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=False)
+OWN_PLUGIN = "trainer.plugins=[{_target_:lightning.pytorch.plugins.environments.LightningEnvironment}]"
+
+
+@pytest.mark.parametrize("plugins", [None, "trainer.plugins=[]", OWN_PLUGIN])
+def test_every_trainer_writes_through_the_atomic_plugin(make_cfg, plugins: str | None) -> None:
+    """The crash-safe writer is added by the task, so overriding trainer.plugins cannot drop it."""
+    cfg = make_cfg(*([plugins] if plugins else []))
+    trainer = build_trainer(cfg, [], [])
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 

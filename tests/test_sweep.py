@@ -127,8 +127,12 @@ def test_command_line(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty")]) == 1
     assert "No jobs under" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main([str(tmp_path / "missing")])
+    assert main([str(tmp_path / "missing")]) == 1  # one paragraph, like every segvoc command
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'missing'} is not a folder") and "Traceback" not in err
+    with pytest.raises(SystemExit) as usage:  # argparse's own usage errors keep status 2
+        main([])
+    assert usage.value.code == 2
 
 
 def test_callback_logs_a_failed_job_into_its_log_and_updates_the_summary(sweep: Path) -> None:

@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import tarfile
 import tempfile
 import zlib
@@ -40,6 +39,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from segvoc.cli import command, command_parser, run_command
 from segvoc.data.check import write_index_mask
 from segvoc.data.download import (
     DatasetUnavailableError,
@@ -50,7 +50,7 @@ from segvoc.data.download import (
     voc_dir,
 )
 from segvoc.data.voc import AUG_MASK_DIR, AUG_SPLIT, IMAGE_DIR, MASK_DIR, SPLIT_DIR, read_split
-from segvoc.errors import SegvocError
+from segvoc.files import atomic_open, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +119,9 @@ def _disk_error(folder: Path, exc: OSError) -> DatasetUnavailableError:
 
 def _copy_file(src: Path, dest: Path) -> None:
     """Copy ``src`` to ``dest`` through a hidden temporary name, so ``dest`` is always complete or absent."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
     try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
+        with open(src, "rb") as source, atomic_open(dest) as target:
+            shutil.copyfileobj(source, target)
     except OSError as exc:
         raise _disk_error(dest.parent, exc) from exc
 
@@ -135,8 +134,9 @@ def _convert_mask(mat: Path, png: Path) -> None:
 
 
 def _remove_stale_temporaries(folder: Path, suffix: str) -> None:
-    """Delete the hidden ``.<name><suffix>.tmp`` files an interrupted run left in ``folder``."""
-    for stale in folder.glob(f".*{suffix}.tmp"):
+    """Delete the hidden ``.<name><suffix>[.<random>].tmp`` files (``segvoc.files.temp_name``) that an interrupted
+    run left in ``folder``."""
+    for stale in folder.glob(f".*{suffix}*.tmp"):
         stale.unlink(missing_ok=True)
 
 
@@ -288,10 +288,8 @@ def _build(voc: Path, dataset: Path, origin: Path, workers: int | None) -> list[
         log.info("Copied %d SBD images that VOC2012 lacks into %s", len(images), voc / IMAGE_DIR)
 
     split_file = voc / SPLIT_DIR / f"{AUG_SPLIT}.txt"
-    tmp = split_file.with_name(f".{split_file.name}.tmp")
     try:
-        tmp.write_text("".join(f"{name}\n" for name in ids))
-        os.replace(tmp, split_file)
+        atomic_write_text(split_file, "".join(f"{name}\n" for name in ids))
     except OSError as exc:
         raise _disk_error(split_file.parent, exc) from exc
     counts = {split: len(set(names)) for split, names in sbd.items()}
@@ -408,10 +406,13 @@ def _positive(text: str) -> int:
     return value
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (1 with a message on stderr for a user error)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m segvoc.data.prepare", description="Add extra training data to a VOC2012 folder."
+    parser = command_parser(
+        "segvoc.data.prepare",
+        "Add extra training data to a VOC2012 folder.",
+        ["python -m segvoc.data.prepare sbd --root data", "python -m segvoc.data.prepare sbd --help"],
     )
     datasets = parser.add_subparsers(dest="dataset", required=True, metavar="DATASET")
     sbd = datasets.add_parser(
@@ -461,11 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     md5 = None if args.md5.lower() == "none" else args.md5
-    try:
-        ids = prepare_sbd(args.root, args.tar, args.url, md5, args.workers)
-    except SegvocError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    ids = prepare_sbd(args.root, args.tar, args.url, md5, args.workers)
     print(
         f"{voc_dir(args.root) / SPLIT_DIR / AUG_SPLIT}.txt lists {len(ids)} training images with masks in "
         f"{voc_dir(args.root) / AUG_MASK_DIR}. Train on them with: python train.py experiment=voc_aug "
@@ -475,4 +472,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)
