@@ -2,13 +2,15 @@
 
 Scenes have a sky/ground background with smooth shading and sensor noise, and one to three objects of a few VOC
 classes; each class has its own shape family and colour range, jittered per object. Masks are palette PNGs with a
-255 band along object boundaries, as in VOC's ``SegmentationClass``.
+255 band along object boundaries, as in VOC's ``SegmentationClass``. ``write_voc_tree`` is the one writer of a
+generated VOC-layout tree: the demo's, and ``segvoc.bench``'s with its own scenes.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import cv2
@@ -94,6 +96,49 @@ def _demo_size(rng: np.random.Generator) -> tuple[int, int]:
     return int(rng.integers(120, 181)), int(rng.integers(160, 241))
 
 
+def write_voc_tree(
+    voc: Path,
+    splits: Mapping[str, int],
+    scene: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]],
+    seed: int = 0,
+    prefix: str = "demo",
+    jpeg_quality: int = 92,
+) -> Path:
+    """Write generated images in the VOC layout under ``voc`` (the folder that is, or will be, ``VOC2012``) and
+    return it: ``JPEGImages/<id>.jpg`` (RGB at ``jpeg_quality``), ``SegmentationClass/<id>.png`` (palette PNGs with the
+    VOC colours) and ``ImageSets/Segmentation/<split>.txt``.
+
+    ``splits`` maps a split name to its number of images, written in that order. ``scene(rng, i)`` draws the ``i``-th
+    image of its split as ``(image RGB uint8, mask uint8)`` from the one generator seeded with ``seed``, so a tree is
+    a function of its arguments. Ids are ``<prefix>_<n:05d>``, ``n`` counting on across the splits. Folders are
+    created as needed and files of the same names overwritten; making the tree appear atomically is the caller's job.
+    """
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    palette = voc_palette().flatten().tolist()
+    index = 0
+    for split, count in splits.items():
+        ids = []
+        for i in range(count):
+            name = f"{prefix}_{index:05d}"
+            index += 1
+            image, mask = scene(rng, i)
+            jpeg = voc / "JPEGImages" / f"{name}.jpg"
+            cv2.imwrite(str(jpeg), image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+            png = Image.fromarray(mask, mode="P")
+            png.putpalette(palette)
+            png.save(voc / "SegmentationClass" / f"{name}.png")
+            ids.append(name)
+        (voc / "ImageSets/Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return voc
+
+
+def _demo_scene(rng: np.random.Generator, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """A ``make_scene`` at a ``_demo_size``, whatever its place in the split."""
+    return make_scene(rng, *_demo_size(rng))
+
+
 def make_demo_voc(root: str | Path, n_train: int = 64, n_val: int = 16, seed: int = 0) -> Path:
     """Generate the demo dataset under ``root/VOCdevkit/VOC2012`` once and return that folder.
 
@@ -111,27 +156,9 @@ def make_demo_voc(root: str | Path, n_train: int = 64, n_val: int = 16, seed: in
             "Give the demo its own folder with data.root=data/demo (the default of experiment=demo)."
         )
     root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    palette = voc_palette().flatten().tolist()
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root))
     try:
-        for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-            (tmp / sub).mkdir(parents=True)
-        splits = {"train": n_train, "val": n_val}
-        index = 0
-        for split, count in splits.items():
-            ids = []
-            for _ in range(count):
-                name = f"demo_{index:05d}"
-                index += 1
-                height, width = _demo_size(rng)
-                image, mask = make_scene(rng, height, width)
-                cv2.imwrite(str(tmp / "JPEGImages" / f"{name}.jpg"), image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
-                png = Image.fromarray(mask, mode="P")
-                png.putpalette(palette)
-                png.save(tmp / "SegmentationClass" / f"{name}.png")
-                ids.append(name)
-            (tmp / "ImageSets/Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+        write_voc_tree(tmp, {"train": n_train, "val": n_val}, _demo_scene, seed=seed)
         (tmp / COMPLETE_MARKER).write_text(f"seed={seed} train={n_train} val={n_val}\n")
         if voc.exists():
             voc.rmdir()  # empty, checked above
