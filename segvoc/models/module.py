@@ -105,7 +105,9 @@ class SegmentationModule(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return (images, masks.long(), *rest)
 
-    def _loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """The one loss of training, validation and ``segvoc.bench``'s plain loop: the mean pixel-wise
+        cross-entropy of ``logits`` (N, C, H, W) against int64 ``masks`` (N, H, W), ``ignore_index`` pixels skipped."""
         return F.cross_entropy(logits, masks, ignore_index=self.ignore_index)
 
     def _normalisation(self) -> tuple[Sequence[float], Sequence[float]]:
@@ -115,7 +117,7 @@ class SegmentationModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, masks = batch
         logits = self(images)
-        loss = self._loss(logits, masks)
+        loss = self.loss(logits, masks)
         self.train_metrics.update(logits.detach().argmax(dim=1), masks)
         self.log("train/loss", loss, sync_dist=True)  # under DDP: the mean over the processes
         # Lightning reads every progress-bar value with .item() after every step, which makes the host wait for the
@@ -135,7 +137,7 @@ class SegmentationModule(L.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor, list], batch_idx: int) -> None:
         images, masks, sizes = batch
         logits = infer(self.net, images, **self.inference)
-        self.log("val/loss", self._loss(logits, masks), batch_size=images.shape[0], sync_dist=True)
+        self.log("val/loss", self.loss(logits, masks), batch_size=images.shape[0], sync_dist=True)
         preds = logits.argmax(dim=1)
         self.val_metrics.update(preds, masks)
         first, self._val_seen = self._val_seen, self._val_seen + images.shape[0]
