@@ -174,6 +174,14 @@ def init_from_checkpoint(net: DeepLab, path: str | Path) -> None:
     if None not in stem and stem[0] != stem[1]:
         log.warning(
             "init_from %s: its network ran the stem convolution with padding %d, this one uses %d; fine-tuning adapts "
-            "to it, or pass +model.net.stem_padding=%d to keep the source's.",
+            "to it, or pass ++model.net.stem_padding=%d to keep the source's.",
             path, stem[0], stem[1], stem[0],
+        )  # fmt: skip
+    # A segvoc spec without block_padding predates the key and ran with the default.
+    blocks = (meta_net.get("block_padding", "depthwise") if meta_net else None, net.spec.get("block_padding"))
+    if None not in blocks and blocks[0] != blocks[1]:
+        log.warning(
+            "init_from %s: its network padded the inverted-residual blocks with block_padding=%s, this one uses %s; "
+            "fine-tuning adapts to it, or pass ++model.net.block_padding=%s to keep the source's.",
+            path, blocks[0], blocks[1], blocks[0],
         )  # fmt: skip

@@ -2,7 +2,9 @@
 
 A seed checkpoint is a dict ``{"cur_itrs", "model_state", "optimizer_state", "scheduler_state", "best_score"}`` whose
 ``model_state`` holds the 356 tensors of ``deeplabv3plus_mobilenet``. The tensors are the same as ours under other
-names; only the decoder's 3x3 conv needs its input channels reordered (see ``seed_to_segvoc_state``).
+names; only the decoder's 3x3 conv needs its input channels reordered (see ``seed_to_segvoc_state``). The network
+is built as the seed tool runs it: stem conv unpadded (``stem_padding=0``), inverted-residual blocks padded at their
+input (``block_padding="input"``); both are recorded in the converted checkpoint's spec.
 """
 
 from __future__ import annotations
@@ -193,7 +195,7 @@ def convert_seed_checkpoint(
             f"{source} predicts {num_classes} classes but {len(class_names)} class names were given; pass one name "
             "per output channel."
         )
-    net = deeplabv3plus_mobilenet(num_classes, output_stride, stem_padding=0)
+    net = deeplabv3plus_mobilenet(num_classes, output_stride, stem_padding=0, block_padding="input")
     _check_fits(state, net, source)
     net.load_state_dict({k[len(NET_PREFIX) :]: v for k, v in state.items()})
     best_score = checkpoint.get("best_score")

@@ -7,6 +7,7 @@ checkpoints (DeepLabV3Plus-Pytorch's deeplabv3plus_mobilenet), so that a mapping
 from __future__ import annotations
 
 import io
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +17,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import mobilenet_v2
 
 from segvoc.checkpoint import CheckpointError, build_from_checkpoint, load_model, read_checkpoint
 from segvoc.convert import main
+from segvoc.models.deeplab import deeplabv3plus_mobilenet
 from segvoc.palette import VOC_CLASSES
 from segvoc.seed_format import convert_seed_checkpoint, is_seed_checkpoint, seed_safe_globals
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# MobileNetV2's inverted-residual stages (Sandler et al. 2018, table 2): expansion t, channels c, repeats n. The
+# strides come from the seed geometry below.
+_MOBILENET_V2_STAGES = [(1, 16, 1), (6, 24, 2), (6, 32, 3), (6, 64, 4), (6, 96, 3), (6, 160, 3), (6, 320, 1)]
 
 
 def _seed_geometry(output_stride: int) -> list[tuple[int, int]]:
@@ -39,6 +45,37 @@ def _conv_bn_relu(in_ch: int, out_ch: int, kernel: int = 1, dilation: int = 1) -
     pad = dilation if kernel == 3 else 0
     conv = nn.Conv2d(in_ch, out_ch, kernel, padding=pad, dilation=dilation, bias=False)
     return [conv, nn.BatchNorm2d(out_ch), nn.ReLU()]
+
+
+def _conv_bn_relu6(
+    in_ch: int, out_ch: int, kernel: int = 1, stride: int = 1, dilation: int = 1, groups: int = 1
+) -> nn.Sequential:
+    """Conv (never padded: the seed tool pads the stem not at all and the blocks at their input), BN, ReLU6."""
+    conv = nn.Conv2d(in_ch, out_ch, kernel, stride, padding=0, dilation=dilation, groups=groups, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(out_ch), nn.ReLU6())
+
+
+class SeedInvertedResidual(nn.Module):
+    """A MobileNetV2 block as the seed tool runs it: the input is zero-padded by the depthwise dilation, then the
+    1x1 expansion + BN + ReLU6 (not for expansion 1), the unpadded 3x3 depthwise conv + BN + ReLU6, the 1x1
+    projection + BN, and the residual added to the unpadded input."""
+
+    def __init__(self, in_ch: int, out_ch: int, expansion: int, stride: int, dilation: int) -> None:
+        super().__init__()
+        hidden = in_ch * expansion
+        layers = [] if expansion == 1 else [_conv_bn_relu6(in_ch, hidden)]
+        layers += [
+            _conv_bn_relu6(hidden, hidden, 3, stride, dilation, groups=hidden),
+            nn.Conv2d(hidden, out_ch, 1, bias=False),
+            nn.BatchNorm2d(out_ch),
+        ]
+        self.conv = nn.Sequential(*layers)
+        self.pad = dilation
+        self.residual = stride == 1 and in_ch == out_ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(F.pad(x, (self.pad, self.pad, self.pad, self.pad)))
+        return x + out if self.residual else out
 
 
 class SeedASPP(nn.Module):
@@ -69,16 +106,22 @@ class SeedHead(nn.Module):
 
 
 class SeedBackbone(nn.Module):
+    """MobileNetV2's features 0..17 built from the stage table: the stem (3x3 stride-2 conv, padding 0) and the
+    inverted-residual blocks, with the seed tool's strides and dilations."""
+
     def __init__(self, output_stride: int) -> None:
         super().__init__()
-        features = mobilenet_v2(weights=None).features
-        for i, (stride, dilation) in enumerate(_seed_geometry(output_stride)):
-            conv = next(m for m in features[i].modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
-            conv.stride, conv.dilation = (stride, stride), (dilation, dilation)
-            conv.padding = (0, 0) if i == 0 else (dilation, dilation)
+        geometry = _seed_geometry(output_stride)
+        features = [_conv_bn_relu6(3, 32, 3, stride=geometry[0][0])]
+        in_ch = 32
+        for expansion, out_ch, repeats in _MOBILENET_V2_STAGES:
+            for _ in range(repeats):
+                stride, dilation = geometry[len(features)]
+                features.append(SeedInvertedResidual(in_ch, out_ch, expansion, stride, dilation))
+                in_ch = out_ch
         # Slicing an nn.Sequential keeps the original indices, hence high_level_features.4 .. .17.
-        self.low_level_features = features[0:4]
-        self.high_level_features = features[4:18]
+        blocks = nn.Sequential(*features)
+        self.low_level_features, self.high_level_features = blocks[0:4], blocks[4:18]
 
 
 class SeedDeepLabV3Plus(nn.Module):
@@ -96,7 +139,12 @@ class SeedDeepLabV3Plus(nn.Module):
 
 
 def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights and BatchNorm statistics that keep activations of order one through the network."""
+    """Random weights and BatchNorm statistics that keep activations of order one through the network.
+
+    The running means, variances, weights and biases are far from BatchNorm's initial 0/1/1/0, as in a trained
+    model: only then does ReLU6(BN(conv(0))), what a block padded at its input shows its depthwise conv at the
+    border, differ from the zeros of a depthwise conv padded itself.
+    """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -160,7 +208,7 @@ def test_reference_model_has_the_documented_seed_layout(seed_model: SeedDeepLabV
     assert not any(k.startswith("backbone.high_level_features.3.") for k in state)
 
 
-@pytest.mark.parametrize(("output_stride", "size"), [(16, (97, 131)), (8, (130, 97))])
+@pytest.mark.parametrize(("output_stride", "size"), [(16, (97, 131)), (16, (64, 65)), (8, (130, 97)), (8, (67, 90))])
 def test_converted_network_gives_the_seed_logits(
     seed_model: SeedDeepLabV3Plus, output_stride: int, size: tuple[int, int]
 ) -> None:
@@ -168,18 +216,21 @@ def test_converted_network_gives_the_seed_logits(
     reference.load_state_dict(seed_model.state_dict())
     converted = convert_seed_checkpoint(_seed_checkpoint(reference), output_stride=output_stride)
     net, meta = build_from_checkpoint(converted)
-    assert meta["net"] == {
-        "arch": "deeplabv3plus",
-        "num_classes": 21,
-        "output_stride": output_stride,
-        "stem_padding": 0,
-    }
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected, actual = reference(x), net(x)
     assert actual.shape == (1, 21, *size)
     assert expected.std() > 0.5  # logits far from zero, so the tolerance below is meaningful
+    # Padding the blocks' depthwise conv instead of their input changes the border of every block's output: with
+    # the BatchNorm statistics of _randomise, logits differ by more than 1 and argmaxes on many pixels.
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+    assert meta["net"] == {
+        "arch": "deeplabv3plus",
+        "num_classes": 21,
+        "output_stride": output_stride,
+        "stem_padding": 0,
+        "block_padding": "input",
+    }
 
 
 def test_command_line_round_trip(
@@ -309,3 +360,14 @@ def test_raw_seed_file_loads_and_predicts_directly(
     assert run(cfg) == 0
     mask = Image.open(tmp_path / "out" / "photo.png")
     assert mask.mode == "L" and mask.size == (93, 71)
+
+
+def test_init_from_warns_when_the_block_padding_differs(seed_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="segvoc.checkpoint"):
+        deeplabv3plus_mobilenet(init_from=seed_file)
+    assert "block_padding=input, this one uses depthwise" in caplog.text
+    assert "++model.net.block_padding=input" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="segvoc.checkpoint"):
+        deeplabv3plus_mobilenet(stem_padding=0, block_padding="input", init_from=seed_file)
+    assert "padding" not in caplog.text

@@ -253,7 +253,8 @@ def test_init_from_a_voc_checkpoint_reinitialises_only_the_classifier(
     assert f"init_from {path}: 21 -> 3 classes, classifier re-initialised; {total - 2} of {total} tensors loaded" in (
         caplog.text
     )
-    assert net.spec == {"arch": "deeplabv3plus", "num_classes": 3, "output_stride": 16, "stem_padding": 1}
+    assert net.spec == {"arch": "deeplabv3plus", "num_classes": 3, "output_stride": 16, "stem_padding": 1,
+                        "block_padding": "depthwise"}
 
 
 def test_init_from_with_the_same_classes_loads_everything(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

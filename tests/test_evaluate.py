@@ -100,7 +100,8 @@ def test_class_count_mismatch_is_a_clear_error(trained: Path, make_cfg) -> None:
 def test_checkpoint_is_self_describing_and_loads_weights_only(trained: Path) -> None:
     raw = torch.load(trained, map_location="cpu", weights_only=True)
     meta = raw["segvoc"]
-    assert meta["net"] == {"arch": "deeplabv3plus", "num_classes": 21, "output_stride": 16, "stem_padding": 1}
+    assert meta["net"] == {"arch": "deeplabv3plus", "num_classes": 21, "output_stride": 16, "stem_padding": 1,
+                           "block_padding": "depthwise"}
     assert meta["class_names"][15] == "person" and len(meta["palette"]) == 21 and len(meta["mean"]) == 3
 
 

@@ -6,9 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from segvoc.checkpoint import build_from_checkpoint, describe
 from segvoc.errors import SegvocError
-from segvoc.models.backbone import MobileNetV2Backbone, WeightsUnavailableError
+from segvoc.models.backbone import InputPaddedBlock, MobileNetV2Backbone, WeightsUnavailableError
 from segvoc.models.deeplab import deeplabv3_mobilenet, deeplabv3plus_mobilenet
+from segvoc.palette import VOC_CLASSES
 
 
 def n_params(model: nn.Module) -> int:
@@ -88,7 +90,7 @@ def test_local_weights_file_is_loaded(tmp_path) -> None:
 
 
 def test_missing_weights_file_names_the_ways_out(tmp_path) -> None:
-    with pytest.raises(WeightsUnavailableError, match="weights_path"):
+    with pytest.raises(WeightsUnavailableError, match=r"^model\.net\.weights_path="):
         MobileNetV2Backbone(weights_path=tmp_path / "nope.pth")
 
 
@@ -104,3 +106,45 @@ def test_unreachable_weights_name_both_ways_out(monkeypatch) -> None:
     with pytest.raises(WeightsUnavailableError) as info:
         MobileNetV2Backbone(pretrained=True)
     assert "model.net.weights_path" in str(info.value) and "model.net.pretrained=false" in str(info.value)
+
+
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_input_block_padding_keeps_keys_sizes_and_geometry(output_stride: int) -> None:
+    torchvision = deeplabv3plus_mobilenet(output_stride=output_stride).eval()
+    seed = deeplabv3plus_mobilenet(output_stride=output_stride, block_padding="input").eval()
+    assert list(seed.state_dict()) == list(torchvision.state_dict())  # seed and segvoc checkpoints load unchanged
+    assert seed.spec["block_padding"] == "input" and torchvision.spec["block_padding"] == "depthwise"
+    blocks = list(seed.backbone.low_level)[1:] + list(seed.backbone.high_level)
+    assert all(isinstance(b, InputPaddedBlock) for b in blocks) and len(blocks) == 17
+    assert [b.pad for b in blocks] == [c.dilation[0] for c in _spatial_convs(torchvision.backbone)[1:]]
+    assert all(c.padding == (0, 0) for c in _spatial_convs(seed.backbone)[1:])
+    seed.load_state_dict(torchvision.state_dict())
+    x = torch.randn(1, 3, 67, 90)
+    with torch.no_grad():
+        assert seed(x).shape == torchvision(x).shape == (1, 21, 67, 90)
+
+
+def test_spec_without_block_padding_rebuilds_torchvision_padding() -> None:
+    # Checkpoints written before block_padding was recorded ran with torchvision's padding.
+    net = deeplabv3plus_mobilenet().eval()
+    meta = describe(net, list(VOC_CLASSES))
+    del meta["net"]["block_padding"]
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    rebuilt, _ = build_from_checkpoint({"state_dict": state, "segvoc": meta})
+    assert rebuilt.spec["block_padding"] == "depthwise"
+    assert not any(isinstance(m, InputPaddedBlock) for m in rebuilt.modules())
+
+
+def test_unknown_block_padding_is_a_clear_error() -> None:
+    with pytest.raises(SegvocError, match="model.net.block_padding='zeros' is not supported"):
+        deeplabv3plus_mobilenet(block_padding="zeros")
+
+
+def test_backbone_bn_momentum_sets_only_the_backbone() -> None:
+    net = deeplabv3plus_mobilenet(backbone_bn_momentum=0.01)
+    backbone = [m.momentum for m in net.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    head = [m.momentum for m in net.head.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(backbone) == 51 and set(backbone) == {0.01} and set(head) == {0.1}
+    assert "backbone_bn_momentum" not in net.spec  # a training setting: the checkpoint's spec rebuilds without it
+    default = deeplabv3plus_mobilenet()
+    assert {m.momentum for m in default.modules() if isinstance(m, nn.BatchNorm2d)} == {0.1}

@@ -5,11 +5,14 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import hydra
 import pytest
 import torch
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
 
+from segvoc.models.backbone import InputPaddedBlock
 from segvoc.training import train
 from tests.conftest import compose_config, run_script
 
@@ -109,6 +112,20 @@ def test_experiments_compose_as_documented() -> None:
     demo = compose_config(["experiment=demo", "output_dir=x"])
     assert demo.data.demo and not demo.model.net.pretrained
     OmegaConf.resolve(demo)
+
+
+def test_seed_report_builds_the_seed_tools_network() -> None:
+    cfg = compose_config(["experiment=seed_report", "output_dir=x", "model.net.pretrained=false"])
+    net = cfg.model.net
+    assert (net.stem_padding, net.block_padding, net.backbone_bn_momentum) == (0, "input", 0.01)
+    built = hydra.utils.instantiate(net)
+    assert built.spec["stem_padding"] == 0 and built.spec["block_padding"] == "input"
+    assert all(isinstance(b, InputPaddedBlock) for b in [*built.backbone.low_level[1:], *built.backbone.high_level])
+    backbone_bns = [m for m in built.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert backbone_bns and {m.momentum for m in backbone_bns} == {0.01}
+    # trainer=ddp converts BatchNorm to SyncBatchNorm; the momentum must survive it
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(built.backbone)
+    assert {m.momentum for m in synced.modules() if isinstance(m, nn.SyncBatchNorm)} == {0.01}
 
 
 def test_learning_overfits_a_few_images(voc_root: Path, make_cfg) -> None:

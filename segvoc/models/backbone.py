@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import urllib.error
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
@@ -15,6 +17,10 @@ from segvoc.errors import SegvocError
 _LOW_LEVEL_END = 4
 # features[18] (1x1 conv 320 -> 1280) is the classification neck; DeepLab drops it.
 _HIGH_LEVEL_END = 18
+# Where an inverted-residual block pads for its 3x3 depthwise conv: "depthwise" at that conv (torchvision, ImageNet
+# training), "input" at the block's input, before the 1x1 expansion (the seed report's tool; see InputPaddedBlock).
+BlockPadding = Literal["depthwise", "input"]
+BLOCK_PADDINGS: tuple[str, ...] = get_args(BlockPadding)
 
 
 class WeightsUnavailableError(SegvocError):
@@ -54,7 +60,7 @@ def _load_imagenet_state(weights_path: str | Path | None) -> dict[str, torch.Ten
         path = Path(weights_path)
         if not path.is_file():
             raise WeightsUnavailableError(
-                f"model.weights_path={path} does not exist. Point it at the ImageNet MobileNetV2 state dict "
+                f"model.net.weights_path={path} does not exist. Point it at the ImageNet MobileNetV2 state dict "
                 "(torchvision's mobilenet_v2-b0353104.pth), or set model.net.weights_path=null to fetch it."
             )
         try:
@@ -76,11 +82,39 @@ def _load_imagenet_state(weights_path: str | Path | None) -> dict[str, torch.Ten
         ) from exc
 
 
+class InputPaddedBlock(nn.Module):
+    """A torchvision MobileNetV2 inverted-residual block that zero-pads its input instead of its depthwise conv.
+
+    The seed report's tool pads the block's input by the depthwise dilation ``d`` on every side, then runs the 1x1
+    expansion + BN + ReLU6 (where the block has one), the 3x3 depthwise conv unpadded, the projection, and adds the
+    residual to the unpadded input. The depthwise conv therefore sees ``ReLU6(BN(conv(0)))`` at the border, not
+    zeros; output sizes are those of torchvision's block. The block's layers are kept under the same name
+    (``conv``), so the state-dict keys do not change.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        depthwise = _spatial_conv(block)
+        self.pad = depthwise.dilation[0]
+        depthwise.padding = (0, 0)
+        self.conv = block.conv
+        self.use_res_connect = bool(block.use_res_connect)
+
+    def extra_repr(self) -> str:
+        return f"pad={self.pad}, residual={self.use_res_connect}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(F.pad(x, (self.pad, self.pad, self.pad, self.pad)))
+        return x + y if self.use_res_connect else y
+
+
 class MobileNetV2Backbone(nn.Module):
     """MobileNetV2 without its classifier, split for DeepLab.
 
     ``forward(x)`` returns ``{"low": (N, 24, H/4, W/4), "high": (N, 320, H/os, W/os)}`` (sizes rounded up).
-    ``stem_padding=0`` reproduces the unpadded first convolution of the seed report's tool.
+    ``stem_padding=0`` and ``block_padding="input"`` reproduce the seed report's tool (its checkpoints need both);
+    the defaults are torchvision's, which the ImageNet weights were trained with. ``bn_momentum`` sets the momentum
+    of every BatchNorm layer here (None: PyTorch's 0.1; the seed tool trains with 0.01); it changes training only.
     """
 
     low_channels = 24
@@ -92,10 +126,17 @@ class MobileNetV2Backbone(nn.Module):
         pretrained: bool = False,
         weights_path: str | Path | None = None,
         stem_padding: int = 1,
+        block_padding: BlockPadding = "depthwise",
+        bn_momentum: float | None = None,
     ) -> None:
         super().__init__()
         if output_stride not in (8, 16):
             raise SegvocError(f"model.net.output_stride={output_stride} is not supported; use 8 or 16.")
+        if block_padding not in BLOCK_PADDINGS:
+            raise SegvocError(
+                f"model.net.block_padding={block_padding!r} is not supported; use 'depthwise' (torchvision's, for "
+                "ImageNet-initialised training) or 'input' (the seed report's tool)."
+            )
         net = mobilenet_v2(weights=None)
         if pretrained or weights_path is not None:
             state = _load_imagenet_state(weights_path)
@@ -110,6 +151,13 @@ class MobileNetV2Backbone(nn.Module):
         # The seed report's tool runs the stem conv unpadded (stem_padding=0); its checkpoints need that to match.
         features[0][0].padding = (stem_padding, stem_padding)
         _apply_output_stride(features, output_stride)
+        if block_padding == "input":  # after the output stride: each block pads by its final dilation
+            for i in range(1, len(features)):
+                features[i] = InputPaddedBlock(features[i])
+        if bn_momentum is not None:
+            for module in features.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.momentum = bn_momentum
         self.output_stride = output_stride
         self.low_level = nn.Sequential(*features[:_LOW_LEVEL_END])
         self.high_level = nn.Sequential(*features[_LOW_LEVEL_END:])

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segvoc.models.backbone import MobileNetV2Backbone
+from segvoc.models.backbone import BlockPadding, MobileNetV2Backbone
 
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 
@@ -108,8 +108,9 @@ class DeepLabV3PlusHead(nn.Module):
 class DeepLab(nn.Module):
     """A backbone and a head; ``forward(images)`` returns logits ``(N, C, H, W)`` at the input's size.
 
-    ``spec`` holds the plain values that rebuild the network (architecture name, classes, output stride, stem
-    padding); checkpoints store it so that prediction needs nothing but the checkpoint.
+    ``spec`` holds the plain values that rebuild the network (architecture name, classes, output stride, stem and
+    block padding); checkpoints store it so that prediction needs nothing but the checkpoint. A spec without
+    ``block_padding`` (checkpoints written before it was recorded) rebuilds with the default, ``"depthwise"``.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, spec: dict[str, Any] | None = None) -> None:
@@ -139,18 +140,25 @@ def deeplabv3plus_mobilenet(
     pretrained: bool = False,
     weights_path: str | Path | None = None,
     stem_padding: int = 1,
+    block_padding: BlockPadding = "depthwise",
+    backbone_bn_momentum: float | None = None,
     init_from: str | Path | None = None,
 ) -> DeepLab:
     """DeepLabV3+ on MobileNetV2 (5,225,717 parameters with 21 classes).
 
+    ``stem_padding``, ``block_padding``, ``backbone_bn_momentum``: see ``MobileNetV2Backbone`` (``bn_momentum``); the
+    paddings are part of the spec a checkpoint records, the momentum is a training setting and is not.
     ``init_from``: start from the weights of a segvoc or seed checkpoint instead of ImageNet's (see ``_init``).
     """
     if init_from:
         pretrained, weights_path = False, None  # the checkpoint's weights replace the ImageNet ones
-    backbone = MobileNetV2Backbone(output_stride, pretrained, weights_path, stem_padding)
+    backbone = MobileNetV2Backbone(
+        output_stride, pretrained, weights_path, stem_padding, block_padding, backbone_bn_momentum
+    )
     head = DeepLabV3PlusHead(backbone.low_channels, backbone.high_channels, num_classes, ASPP_RATES[output_stride])
     spec = {"arch": "deeplabv3plus", "num_classes": num_classes, "output_stride": output_stride}
-    return _init(DeepLab(backbone, head, {**spec, "stem_padding": stem_padding}), init_from)
+    spec |= {"stem_padding": stem_padding, "block_padding": block_padding}
+    return _init(DeepLab(backbone, head, spec), init_from)
 
 
 def deeplabv3_mobilenet(
@@ -159,15 +167,21 @@ def deeplabv3_mobilenet(
     pretrained: bool = False,
     weights_path: str | Path | None = None,
     stem_padding: int = 1,
+    block_padding: BlockPadding = "depthwise",
+    backbone_bn_momentum: float | None = None,
     init_from: str | Path | None = None,
 ) -> DeepLab:
     """DeepLabV3 (no decoder) on MobileNetV2.
 
+    Options as for ``deeplabv3plus_mobilenet``.
     ``init_from``: start from the weights of a segvoc or seed checkpoint instead of ImageNet's (see ``_init``).
     """
     if init_from:
         pretrained, weights_path = False, None  # the checkpoint's weights replace the ImageNet ones
-    backbone = MobileNetV2Backbone(output_stride, pretrained, weights_path, stem_padding)
+    backbone = MobileNetV2Backbone(
+        output_stride, pretrained, weights_path, stem_padding, block_padding, backbone_bn_momentum
+    )
     head = DeepLabV3Head(backbone.high_channels, num_classes, ASPP_RATES[output_stride])
     spec = {"arch": "deeplabv3", "num_classes": num_classes, "output_stride": output_stride}
-    return _init(DeepLab(backbone, head, {**spec, "stem_padding": stem_padding}), init_from)
+    spec |= {"stem_padding": stem_padding, "block_padding": block_padding}
+    return _init(DeepLab(backbone, head, spec), init_from)
