@@ -242,11 +242,12 @@ def check_inputs(cfg: DictConfig, meta: dict[str, Any]) -> list[tuple[str, torch
                 "check_shapes=[[2,3,97,131]], or give check_images= to check on images."
             )
         return [("random " + "x".join(map(str, s)), torch.randn(s, generator=generator)) for s in shapes]
+    from segvoc.data.image import read_image
     from segvoc.data.transforms import normalize
-    from segvoc.prediction import find_inputs, read_rgb
+    from segvoc.prediction import find_inputs
 
     files = find_inputs(str(cfg.check_images), key="check_images")[: int(cfg.check_max_images)]
-    images = [torch.from_numpy(read_rgb(f)).permute(2, 0, 1)[None] for f in files]
+    images = [torch.from_numpy(read_image(f)).permute(2, 0, 1)[None] for f in files]
     return [(f.name, normalize(image, meta["mean"], meta["std"])) for f, image in zip(files, images, strict=True)]
 
 

@@ -1,4 +1,5 @@
-"""Turning image files into masks: reading any image mode, batched inference, writing the requested formats.
+"""Turning image files into masks: reading them (``segvoc.data.image``), batched inference, writing the requested
+formats.
 
 ``run(cfg)`` is the body of ``predict.py``. Files are read by DataLoader workers, run through
 ``segvoc.inference.infer`` in batches of same-size images, and written by a thread pool while the next batch is
@@ -20,15 +21,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image, ImageOps
+from PIL import Image
 from rich.progress import Progress
 from torch.utils.data import DataLoader, Dataset
 
 from segvoc.checkpoint import load_model
 from segvoc.data.datamodule import default_num_workers
+from segvoc.data.image import displayed_sizes, read_image
 from segvoc.data.sampler import SizeGroupedBatchSampler
 from segvoc.data.transforms import normalize
-from segvoc.data.voc import displayed_sizes
 from segvoc.errors import SegvocError
 from segvoc.inference import crop_to_sizes, infer
 from segvoc.palette import IGNORE_INDEX, lookup_table
@@ -60,22 +61,6 @@ def find_inputs(spec: str, key: str = "input") -> list[Path]:
     return files
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """Read any image as RGB uint8 ``(H, W, 3)`` as it is displayed: EXIF rotation applied, alpha dropped,
-    palette expanded, grayscale replicated, 16-bit scaled to 8-bit."""
-    with Image.open(path) as opened:
-        opened.load()
-        image = ImageOps.exif_transpose(opened)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if values.max(initial=0) > 255 else 255.0
-        gray = np.clip(values / top * 255.0, 0, 255).round().astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    return np.array(image.convert("RGB"), dtype=np.uint8)
-
-
 class ImageFiles(Dataset):
     """``dataset[i]`` is ``(uint8 RGB (3, H, W) tensor or None, i, error message or None)``."""
 
@@ -87,9 +72,9 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str | None]:
         try:
-            rgb = read_rgb(self.files[index])
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is reported and skipped, never fatal
-            return None, index, f"{type(exc).__name__}: {exc}"
+            rgb = read_image(self.files[index])
+        except SegvocError as exc:  # an unreadable file is reported and skipped, never fatal
+            return None, index, str(exc)
         return torch.from_numpy(rgb).permute(2, 0, 1), index, None
 
 
@@ -135,7 +120,7 @@ def write_outputs(
         if "voc" in formats:
             coloured.save(output / VOC_RESULTS / f"{stem}.png")
     if "overlay" in formats:
-        blended = overlay(read_rgb(rgb_path), mask, palette=palette)
+        blended = overlay(read_image(rgb_path), mask, palette=palette)
         Image.fromarray(blended).save(output / "overlay" / f"{stem}.jpg", quality=92)
 
 

@@ -22,7 +22,7 @@ from segvoc.data.check import (
     require_usable_dataset,
 )
 from segvoc.data.demo import make_demo_voc
-from segvoc.data.voc import read_image
+from segvoc.data.image import read_image
 from segvoc.errors import SegvocError
 from segvoc.palette import colorize
 
@@ -99,7 +99,7 @@ def test_truncated_jpeg_is_unreadable_although_opencv_reads_it(voc: Path) -> Non
     name = ids(voc)[0]
     path = image_path(voc, name)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    assert read_image(path) is not None  # OpenCV fills in the missing half: only a full decode notices
+    assert cv2.imread(str(path)) is not None  # OpenCV alone fills in the missing half: only a full decode notices
     problem = only(check_dataset(voc, SPLITS), "unreadable_image")
     assert problem.id == name and "truncated" in problem.message and str(path) in problem.message
 
@@ -130,7 +130,7 @@ def test_image_and_mask_of_different_sizes(voc: Path) -> None:
 
 
 def test_exif_rotation_counts_as_training_reads_the_image(voc: Path) -> None:
-    """OpenCV (training's reader) applies the EXIF orientation; a mask drawn on the stored pixels no longer fits."""
+    """Training's reader applies the EXIF orientation; a mask drawn on the stored pixels no longer fits."""
     name = ids(voc)[0]
     path = image_path(voc, name)
     exif = Image.Exif()
@@ -287,7 +287,7 @@ def test_cli_exits_0_on_a_clean_tree_and_1_without_a_dataset(voc: Path, tmp_path
 
 
 def test_the_check_reads_images_like_training(voc: Path) -> None:
-    """A PNG saved under a .jpg name and a grayscale JPEG are fine for training's OpenCV reader, so fine here."""
+    """A PNG saved under a .jpg name and a grayscale JPEG are fine for training's reader, so fine here."""
     train = ids(voc)
     rgb = read_image(image_path(voc, train[0]))
     Image.fromarray(rgb).save(image_path(voc, train[0]), format="PNG")

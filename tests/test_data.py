@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from segvoc.data.datamodule import VOCDataModule, pad_collate
+from segvoc.data.image import read_mask
 from segvoc.data.sampler import SizeGroupedBatchSampler
 from segvoc.data.transforms import (
     IMAGENET_MEAN,
@@ -21,7 +22,7 @@ from segvoc.data.transforms import (
     train_transform,
     val_transform,
 )
-from segvoc.data.voc import VOCSegmentation, read_mask
+from segvoc.data.voc import VOCSegmentation
 from segvoc.errors import SegvocError
 
 COLOURS = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200], [220, 220, 40]], dtype=np.uint8)

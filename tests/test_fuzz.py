@@ -27,9 +27,10 @@ from PIL import Image
 from segvoc.checkpoint import describe
 from segvoc.data.check import bad_ids, check_dataset, format_report
 from segvoc.data.demo import make_demo_voc
+from segvoc.data.image import read_image
 from segvoc.models.deeplab import deeplabv3plus_mobilenet
 from segvoc.palette import VOC_CLASSES, colorize
-from segvoc.prediction import read_rgb, run
+from segvoc.prediction import run
 from tests.conftest import compose_config
 
 SEED = 5
@@ -284,7 +285,7 @@ def test_predict_skips_every_unreadable_image_and_masks_the_rest(
         if path not in expected:
             with contextlib.suppress(Exception):
                 expected[path] = None
-                height, width = read_rgb(path).shape[:2]
+                height, width = read_image(path).shape[:2]
                 expected[path] = (width, height)
 
     cfg = compose_config(

@@ -10,9 +10,12 @@ import torch
 from PIL import Image
 
 from segvoc.checkpoint import describe
+from segvoc.data.demo import make_demo_voc
+from segvoc.data.image import read_image
 from segvoc.models.deeplab import deeplabv3plus_mobilenet
-from segvoc.palette import VOC_CLASSES
-from segvoc.prediction import read_rgb, run
+from segvoc.palette import VOC_CLASSES, colorize
+from segvoc.prediction import run
+from segvoc.training import evaluate
 from tests.conftest import compose_config, run_script
 
 
@@ -56,18 +59,6 @@ def make_inputs(folder: Path) -> dict[str, tuple[int, int]]:
 
 def predict_cfg(*overrides: str):
     return compose_config(["num_workers=0", *overrides], config_name="predict")
-
-
-def test_reads_every_mode_as_displayed(tmp_path: Path) -> None:
-    sizes = make_inputs(tmp_path / "in")
-    for stem, (width, height) in sizes.items():
-        path = next((tmp_path / "in").glob(f"{stem}.*"))
-        image = read_rgb(path)
-        assert image.shape == (height, width, 3) and image.dtype == np.uint8, stem
-    # deep16.png holds the green channel of make_inputs' image times 257: 16 bits back to the same 8-bit values
-    green = np.random.default_rng(0).integers(0, 255, size=(61, 83, 3), dtype=np.uint8)[..., 1]
-    deep = read_rgb(tmp_path / "in" / "deep16.png")
-    assert np.array_equal(deep[..., 0], green) and np.array_equal(deep[..., 2], green)
 
 
 def test_masks_at_original_size_and_a_corrupt_file_is_skipped(checkpoint: Path, tmp_path: Path) -> None:
@@ -130,7 +121,7 @@ def test_exif_rotation_gives_the_mask_of_the_displayed_image(checkpoint: Path, t
     make_inputs(tmp_path / "in")
     upright = tmp_path / "upright"
     upright.mkdir()
-    Image.fromarray(read_rgb(tmp_path / "in" / "rotated.jpg")).save(upright / "rotated.png")
+    Image.fromarray(read_image(tmp_path / "in" / "rotated.jpg")).save(upright / "rotated.png")
     run(predict_cfg(f"ckpt={checkpoint}", f"input={tmp_path / 'in' / 'rotated.jpg'}", f"output={tmp_path / 'a'}"))
     run(predict_cfg(f"ckpt={checkpoint}", f"input={upright / 'rotated.png'}", f"output={tmp_path / 'b'}"))
     assert np.array_equal(
@@ -174,3 +165,35 @@ def test_onnx_model_gives_the_same_masks(checkpoint: Path, tmp_path: Path) -> No
         for p in (tmp_path / "pt").glob("*.png")
     ]
     assert len(agree) == 6 and min(agree) >= 0.999
+
+
+def test_predict_gives_exactly_the_validation_prediction_of_every_val_image(
+    checkpoint: Path, make_cfg, tmp_path: Path
+) -> None:
+    """predict.py on a validation image and validation itself read the same pixels and predict the same mask, also
+    for images that used to decode differently in the two (EXIF-rotated, greyscale, CMYK, 16-bit)."""
+    voc = make_demo_voc(tmp_path / "data", n_train=1, n_val=5, seed=11)
+    val = (voc / "ImageSets/Segmentation/val.txt").read_text().split()
+    jpeg = [voc / "JPEGImages" / f"{name}.jpg" for name in val]
+    upright = np.asarray(Image.open(jpeg[0]).convert("RGB"))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned a quarter anticlockwise, displayed upright: its mask fits the displayed image
+    Image.fromarray(np.rot90(upright, 1)).save(jpeg[0], exif=exif, quality=95)
+    Image.open(jpeg[1]).convert("L").save(jpeg[1])
+    Image.open(jpeg[2]).convert("CMYK").save(jpeg[2])
+    gray = np.asarray(Image.open(jpeg[3]).convert("L")).astype(np.uint16)
+    low = np.random.default_rng(0).integers(0, 256, size=gray.shape, dtype=np.uint16)
+    Image.fromarray((gray << 8) | low).save(jpeg[3], format="PNG")  # 16-bit content under the .jpg name
+
+    evaluate(make_cfg("train=false", f"ckpt_path={checkpoint}", f"data.root={voc.parents[1]}",
+                      "data.val_batch_size=1", "save_val_results=true"))  # fmt: skip
+    run(predict_cfg(f"ckpt={checkpoint}", f"input={voc / 'JPEGImages'}", f"output={tmp_path / 'masks'}"))
+
+    panels = sorted((tmp_path / "run" / "val_results").glob("*.png"))  # image | truth | prediction | overlay
+    assert len(panels) == len(val)
+    for path, name, panel_path in zip(jpeg, val, panels, strict=True):
+        panel = np.asarray(Image.open(panel_path))
+        width = panel.shape[1] // 4
+        predicted = np.asarray(Image.open(tmp_path / "masks" / f"{name}.png"))
+        assert np.array_equal(panel[:, :width], read_image(path)), f"{path.name}: validation saw other pixels"
+        assert np.array_equal(panel[:, 2 * width : 3 * width], colorize(predicted)), f"{path.name}: other mask"

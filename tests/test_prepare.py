@@ -26,8 +26,9 @@ from segvoc.data import prepare
 from segvoc.data.check import DatasetCheckError
 from segvoc.data.demo import make_demo_voc
 from segvoc.data.download import DatasetUnavailableError, voc_dir
+from segvoc.data.image import read_mask
 from segvoc.data.prepare import SBD_TAR_NAME, main, prepare_sbd, read_sbd_mask
-from segvoc.data.voc import read_mask, read_split
+from segvoc.data.voc import read_split
 from segvoc.palette import voc_palette
 from tests.conftest import REPO, compose_config
 from tests.test_download import QuietHandler, Server, closed_port_url

@@ -1,8 +1,9 @@
 """Check a VOC-layout dataset before hours of training are spent on it: ``python -m segvoc.data.check data.root=...``.
 
-``check_dataset`` decodes every listed image and mask in full (a thread pool: Pillow and OpenCV decode without the
-GIL) and returns every problem at once; ``format_report`` turns them into the text the CLI prints; ``bad_ids`` and
-``require_usable_dataset`` are what training uses to refuse a broken dataset or to leave its bad samples out.
+``check_dataset`` decodes every listed image (with training's own reader, ``segvoc.data.image.read_image``) and
+mask in full on a thread pool (Pillow and OpenCV decode without the GIL) and returns every problem at once;
+``format_report`` turns them into the text the CLI prints; ``bad_ids`` and ``require_usable_dataset`` are what
+training uses to refuse a broken dataset or to leave its bad samples out.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import hydra
 import numpy as np
 from omegaconf import DictConfig
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from segvoc.config import validate_data
 from segvoc.data.download import VOC_MEMBER
+from segvoc.data.image import read_image, unreadable_reason
 from segvoc.data.voc import AUG_MASK_DIR, AUG_SPLIT, IMAGE_DIR, MASK_DIR, SPLIT_DIR, aug_hint
 from segvoc.errors import SegvocError, user_error
 from segvoc.palette import IGNORE_INDEX, voc_palette
@@ -73,7 +74,6 @@ _PALETTE = voc_palette()
 _PALETTE_CODES = (_PALETTE[:, 0].astype(np.uint32) << 16) | (_PALETTE[:, 1].astype(np.uint32) << 8) | _PALETTE[:, 2]
 _CODE_ORDER = np.argsort(_PALETTE_CODES)
 _SORTED_CODES = _PALETTE_CODES[_CODE_ORDER]
-_EXIF_ORIENTATION = 0x0112
 
 
 @dataclass(frozen=True)
@@ -89,42 +89,6 @@ class Problem:
 
 class DatasetCheckError(SegvocError):
     """The dataset has problems that training cannot work around; the message is the full report."""
-
-
-def _why(path: Path, exc: BaseException) -> str:
-    """Why Pillow or OpenCV could not decode ``path``, in words."""
-    if path.is_file() and path.stat().st_size == 0:
-        return "the file is empty (0 bytes)"
-    if isinstance(exc, Image.DecompressionBombError):
-        return f"its header declares an implausibly large image ({exc}), so it is corrupt"
-    if isinstance(exc, UnidentifiedImageError):
-        return "its content is not an image format Pillow recognises (corrupt, or another kind of file)"
-    if "truncated" in str(exc).lower():
-        return f"the file is truncated (Pillow: {exc})"
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` of the image as training's ``cv2.imread`` gives it, after decoding every pixel.
-
-    Pillow decodes the file (it raises on truncation, which OpenCV silently fills in grey); OpenCV applies the EXIF
-    orientation, so a rotated image swaps width and height. Formats other than JPEG/PNG are also read with OpenCV,
-    which must manage them too. Raises when the file cannot be decoded.
-    """
-    with Image.open(path) as image:
-        image.load()
-        width, height = image.size
-        fmt = image.format
-        try:
-            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-        except Exception:  # noqa: BLE001 - a malformed EXIF block only loses the orientation, as in OpenCV
-            orientation = 1
-    if fmt not in ("JPEG", "PNG"):
-        decoded = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if decoded is None:
-            raise ValueError(f"Pillow reads it as {fmt}, but OpenCV, which training reads images with, cannot")
-        return decoded.shape[1], decoded.shape[0]
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def _rgb_to_indices(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -157,7 +121,7 @@ def convert_rgb_mask(path: str | Path) -> np.ndarray:
             image.load()
             mode, pixels = image.mode, np.asarray(image)
     except Exception as exc:  # noqa: BLE001 - any decoding failure is reported with the file
-        raise SegvocError(f"Cannot read the colour mask {path}: {_why(path, exc)}.") from exc
+        raise SegvocError(f"Cannot read the colour mask {path}: {unreadable_reason(path, exc)}.") from exc
     if mode not in ("RGB", "RGBA"):
         raise SegvocError(f"{path} is a {mode} image, not an RGB colour mask; only RGB and RGBA masks are converted.")
     if mode == "RGBA" and (pixels[..., 3] != 255).any():
@@ -205,7 +169,7 @@ def _check_mask(
             mode, size = image.mode, image.size
             pixels = np.asarray(image) if mode in ("P", "L", "RGB", "RGBA") else None
     except Exception as exc:  # noqa: BLE001 - every decoding failure is a problem to report, never a crash
-        return None, [("unreadable_mask", f"Cannot decode the mask {path}: {_why(path, exc)}.")]
+        return None, [("unreadable_mask", f"Cannot decode the mask {path}: {unreadable_reason(path, exc)}.")]
     if mode in ("P", "L"):
         bad = _value_problem(path, pixels, allowed, num_classes, ignore)
         return size, [("bad_mask_values", bad)] if bad else []
@@ -235,12 +199,11 @@ def _check_sample(
     if not image_path.is_file():
         found.append(("missing_image", image_path, f"The image {image_path} does not exist."))
     else:
-        try:
-            image_size = _image_size(image_path)
-        except Exception as exc:  # noqa: BLE001 - every decoding failure is a problem to report, never a crash
-            found.append(
-                ("unreadable_image", image_path, f"Cannot decode the image {image_path}: {_why(image_path, exc)}.")
-            )
+        try:  # decoded in full by training's own reader, so its size is the one training sees
+            height, width = read_image(image_path).shape[:2]
+            image_size = (width, height)
+        except SegvocError as exc:  # names the file and says why; a problem to report, never a crash
+            found.append(("unreadable_image", image_path, str(exc)))
     if not mask_path.is_file():
         found.append(("missing_mask", mask_path, f"The mask {mask_path} does not exist."))
     else:

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
+from segvoc.data.image import displayed_sizes, read_image, read_mask
 from segvoc.errors import SegvocError
 
 IMAGE_DIR = "JPEGImages"
 MASK_DIR = "SegmentationClass"
 SPLIT_DIR = Path("ImageSets") / "Segmentation"
-EXIF_ORIENTATION = 0x0112
 
 
 # The SBD-augmented training set ("trainaug") that `python -m segvoc.data.prepare sbd` writes into a VOC2012 folder.
@@ -47,49 +45,6 @@ def read_split(voc: Path, split: str) -> list[str]:
     if not ids:
         raise SegvocError(f"The split file {path} lists no image ids; it must hold one id per line.")
     return ids
-
-
-def read_image(path: Path) -> np.ndarray:
-    """Read an image file as an RGB uint8 ``(H, W, 3)`` array, as displayed (OpenCV applies the EXIF orientation)."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise SegvocError(f"Cannot read the image {path}: it is missing, truncated or not an image file.")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def displayed_size(path: Path) -> tuple[int, int] | None:
-    """``(height, width)`` of an image as displayed (EXIF rotation applied), from its header alone; None when the
-    header cannot be read (whoever decodes the file reports the error)."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            turned = image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
-    except Exception:  # noqa: BLE001 - any unreadable header
-        return None
-    return (width, height) if turned else (height, width)
-
-
-def displayed_sizes(paths: Sequence[Path]) -> list[tuple[int, int]]:
-    """``displayed_size`` of every file, for grouping images of one size into batches; a file whose header cannot
-    be read gets a size of its own, ``(-1 - i, 0)``, so it forms a batch alone (its reader reports the error)."""
-    return [displayed_size(path) or (-1 - i, 0) for i, path in enumerate(paths)]
-
-
-def read_mask(path: Path) -> np.ndarray:
-    """Read a VOC mask as class indices ``(H, W)`` uint8: palette (``P``) or grayscale (``L``) PNGs only.
-
-    Palette PNGs are read through their indices, never their colours, so 255 stays the ignore label.
-    """
-    try:
-        with Image.open(path) as mask:
-            if mask.mode not in ("P", "L"):
-                raise SegvocError(
-                    f"The mask {path} is a {mask.mode} image; VOC masks must be palette (P) or grayscale (L) "
-                    "PNGs holding class indices. Re-save it with the class indices as pixel values."
-                )
-            return np.array(mask, dtype=np.uint8)
-    except OSError as exc:
-        raise SegvocError(f"Cannot read the mask {path} ({exc}); it is missing or not a valid PNG.") from exc
 
 
 class VOCSegmentation(Dataset):
