@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from segvoc.errors import exit_on_user_error
-from segvoc.prediction import run
+from segvoc.tasks.predict import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")

@@ -6,9 +6,11 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from segvoc.config import register_resolvers
 from segvoc.errors import exit_on_user_error
-from segvoc.rundir import follow_rank_zero, register_resolvers
-from segvoc.training import evaluate, optimized_value, train
+from segvoc.tasks.evaluate import evaluate
+from segvoc.tasks.train import optimized_value, train
+from segvoc.training.rundir import follow_rank_zero
 
 register_resolvers()
 

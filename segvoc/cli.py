@@ -1,7 +1,8 @@
 """The one command-line style of segvoc's argparse commands (``python -m segvoc.data.prepare``, ``segvoc.convert``,
 ``segvoc.sweep``, ``segvoc.bench``): the same ``--help`` layout (description, arguments, examples) and the same
 one-paragraph ``error: ...`` on stderr with exit status 1 for a user error. The Hydra entry points (``train.py``,
-``predict.py``, ``segvoc.export``, ``segvoc.data.check``) report user errors with ``segvoc.errors.exit_on_user_error``.
+``predict.py``, ``python -m segvoc.export``, ``segvoc.data.check``, ``segvoc.data.stats``) report user errors with
+``segvoc.errors.exit_on_user_error``: logged, so the message also lands in the run's log file.
 """
 
 from __future__ import annotations

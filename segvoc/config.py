@@ -1,8 +1,7 @@
 """Start-up validation of a composed config: every value a user can get wrong, one clear line each, before any
 data is read or any model is built.
 
-Importing this module registers the ``${len:...}`` resolver, with which ``conf/data/custom.yaml`` derives
-``num_classes`` from ``classes``.
+``register_resolvers`` makes the resolvers the configs use available.
 """
 
 from __future__ import annotations
@@ -21,13 +20,17 @@ class ConfigError(SegvocError):
     """A config value that cannot work."""
 
 
-def register_config_resolvers() -> None:
-    """Make ``${len:<list>}`` (the number of items) available to configs; idempotent."""
-    if not OmegaConf.has_resolver("len"):
-        OmegaConf.register_new_resolver("len", len)
+def register_resolvers() -> None:
+    """Make the resolvers segvoc's configs use available (idempotent); every entry point calls it before Hydra
+    composes: ``${len:<list>}`` (the number of items: ``conf/data/custom.yaml`` derives ``num_classes`` with it),
+    ``${resume_run_dir:...}`` and ``${resume_config_subdir:...}`` (``conf/hydra/default.yaml``: a resumed run
+    continues in its own folder)."""
+    from segvoc.training.rundir import resume_config_subdir, resume_run_dir
 
-
-register_config_resolvers()
+    resolvers = {"len": len, "resume_run_dir": resume_run_dir, "resume_config_subdir": resume_config_subdir}
+    for name, resolver in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 def _positive(cfg: DictConfig, key: str, kind: type = int) -> None:
@@ -86,7 +89,7 @@ def validate_config(cfg: DictConfig) -> None:
             "checkpoint (.pth) to fine-tune from, or leave model.net.init_from=null."
         )
     if cfg.get("ckpt_path"):
-        from segvoc.checkpoint import read_checkpoint
+        from segvoc.checkpoints.format import read_checkpoint
 
         path = Path(str(cfg.ckpt_path)).expanduser()
         if not path.is_file():
@@ -108,8 +111,8 @@ def _validate_optimized_metric(cfg: DictConfig) -> None:
     name = cfg.get("optimized_metric")
     if name is None or not cfg.get("train", True):
         return
-    from segvoc.models.module import logged_metric_names
     from segvoc.palette import default_class_names
+    from segvoc.training.module import logged_metric_names
 
     classes = cfg.data.get("classes") or default_class_names(cfg.data.num_classes)
     monitors = [c.get("monitor") for c in (cfg.get("callbacks") or {}).values() if isinstance(c, DictConfig)]

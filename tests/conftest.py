@@ -12,8 +12,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+from segvoc.config import register_resolvers
 from segvoc.data.demo import make_demo_voc
-from segvoc.rundir import register_resolvers
 
 register_resolvers()
 REPO = Path(__file__).resolve().parents[1]

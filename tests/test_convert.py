@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segvoc.checkpoint import CheckpointError, build_from_checkpoint, load_model, read_checkpoint
-from segvoc.convert import main
-from segvoc.models.deeplab import deeplabv3plus_mobilenet
+from segvoc.checkpoints.convert import main
+from segvoc.checkpoints.format import CheckpointError, build_from_checkpoint, read_checkpoint, seed_safe_globals
+from segvoc.checkpoints.load import build_net, load_model
+from segvoc.checkpoints.seed import convert_seed_checkpoint, is_seed_checkpoint
 from segvoc.palette import VOC_CLASSES
-from segvoc.seed_format import convert_seed_checkpoint, is_seed_checkpoint, seed_safe_globals
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -349,7 +349,7 @@ def test_raw_seed_file_loads_and_predicts_directly(
 
     from PIL import Image
 
-    from segvoc.prediction import run
+    from segvoc.tasks.predict import run
     from tests.conftest import compose_config
 
     Image.new("RGB", (93, 71), (120, 80, 40)).save(tmp_path / "photo.jpg")
@@ -363,11 +363,11 @@ def test_raw_seed_file_loads_and_predicts_directly(
 
 
 def test_init_from_warns_when_the_block_padding_differs(seed_file: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="segvoc.checkpoint"):
-        deeplabv3plus_mobilenet(init_from=seed_file)
+    with caplog.at_level(logging.WARNING, logger="segvoc.checkpoints.load"):
+        build_net(init_from=seed_file)
     assert "block_padding=input, this one uses depthwise" in caplog.text
     assert "++model.net.block_padding=input" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="segvoc.checkpoint"):
-        deeplabv3plus_mobilenet(stem_padding=0, block_padding="input", init_from=seed_file)
+    with caplog.at_level(logging.WARNING, logger="segvoc.checkpoints.load"):
+        build_net(stem_padding=0, block_padding="input", init_from=seed_file)
     assert "padding" not in caplog.text

@@ -20,9 +20,9 @@ import torch
 from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from segvoc.checkpoint_io import AtomicCheckpointIO
 from segvoc.errors import SegvocError
-from segvoc.training import build_trainer, train
+from segvoc.tasks.train import build_trainer, train
+from segvoc.training.checkpoint_io import AtomicCheckpointIO
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_LR = 0.01  # conf/optimizer/sgd.yaml

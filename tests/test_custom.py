@@ -15,15 +15,17 @@ import torch
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
-from segvoc.checkpoint import ARCHITECTURES, CLASSIFIER_KEYS, CheckpointError, describe, read_checkpoint
+from segvoc.checkpoints.format import CLASSIFIER_KEYS, CheckpointError, describe, read_checkpoint
+from segvoc.checkpoints.load import build_net
+from segvoc.checkpoints.seed import convert_seed_checkpoint
 from segvoc.config import ConfigError, validate_config
 from segvoc.data.check import DatasetCheckError
 from segvoc.data.datamodule import VOCDataModule, pad_collate
-from segvoc.models.deeplab import deeplabv3plus_mobilenet
+from segvoc.models.deeplab import ARCHITECTURES, deeplabv3plus_mobilenet
 from segvoc.palette import VOC_CLASSES, colorize
-from segvoc.prediction import run as predict
-from segvoc.seed_format import convert_seed_checkpoint
-from segvoc.training import evaluate, train
+from segvoc.tasks.evaluate import evaluate
+from segvoc.tasks.predict import run as predict
+from segvoc.tasks.train import train
 from tests.conftest import compose_config, run_script
 from tests.test_convert import SeedDeepLabV3Plus, _randomise, _seed_checkpoint
 from tests.test_train import scalars
@@ -246,7 +248,7 @@ def test_init_from_a_voc_checkpoint_reinitialises_only_the_classifier(
     torch.manual_seed(0)
     fresh = deeplabv3plus_mobilenet(num_classes=3)
     torch.manual_seed(0)
-    with caplog.at_level(logging.INFO, logger="segvoc.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="segvoc.checkpoints.load"):
         net = hydra.utils.instantiate(cfg.model.net)
     assert_fine_tuned(net, source, fresh)
     total = len(source)
@@ -260,8 +262,8 @@ def test_init_from_a_voc_checkpoint_reinitialises_only_the_classifier(
 def test_init_from_with_the_same_classes_loads_everything(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "same.ckpt"
     source = save_segvoc_checkpoint(path, num_classes=3)
-    with caplog.at_level(logging.INFO, logger="segvoc.checkpoint"):
-        net = deeplabv3plus_mobilenet(num_classes=3, output_stride=8, init_from=path)  # OS is not in the weights
+    with caplog.at_level(logging.INFO, logger="segvoc.checkpoints.load"):
+        net = build_net(num_classes=3, output_stride=8, init_from=path)  # OS is not in the weights
     assert all(torch.equal(value, source[key]) for key, value in net.state_dict().items())
     assert f"all {len(source)} tensors loaded (3 classes)" in caplog.text
 
@@ -273,8 +275,8 @@ def test_init_from_a_seed_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFi
     torch.manual_seed(0)
     fresh = deeplabv3plus_mobilenet(num_classes=3)
     torch.manual_seed(0)
-    with caplog.at_level(logging.INFO, logger="segvoc.checkpoint"):
-        net = deeplabv3plus_mobilenet(num_classes=3, init_from=tmp_path / "best_deeplabv3plus_mobilenet_voc_os16.pth")
+    with caplog.at_level(logging.INFO, logger="segvoc.checkpoints.load"):
+        net = build_net(num_classes=3, init_from=tmp_path / "best_deeplabv3plus_mobilenet_voc_os16.pth")
     assert_fine_tuned(net, source, fresh)
     assert "21 -> 3 classes" in caplog.text and "stem convolution with padding 0" in caplog.text
 
@@ -283,7 +285,7 @@ def test_init_from_another_architecture_is_a_clear_error(tmp_path: Path) -> None
     path = tmp_path / "v3.ckpt"
     save_segvoc_checkpoint(path, arch="deeplabv3")
     with pytest.raises(CheckpointError) as info:
-        deeplabv3plus_mobilenet(num_classes=3, init_from=path)
+        build_net(num_classes=3, init_from=path)
     message = str(info.value)
     assert "deeplabv3 network that does not fit model.net (deeplabv3plus)" in message and "\n" not in message
     assert "head.low_project" in message

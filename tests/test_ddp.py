@@ -16,7 +16,8 @@ import torch
 from omegaconf import OmegaConf
 
 from segvoc.config import ConfigError
-from segvoc.training import evaluate, train
+from segvoc.tasks.evaluate import evaluate
+from segvoc.tasks.train import train
 from tests.conftest import REPO, run_script
 
 FIGURES = ("overall_acc", "mean_acc", "freqw_acc", "mean_iou")

@@ -10,13 +10,14 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from segvoc.checkpoint import load_model
+from segvoc.checkpoints.load import load_model
 from segvoc.data.datamodule import VOCDataModule
 from segvoc.data.demo import make_demo_voc
 from segvoc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, val_transform
 from segvoc.data.voc import VOCSegmentation
 from segvoc.errors import SegvocError
-from segvoc.training import evaluate, train
+from segvoc.tasks.evaluate import evaluate
+from segvoc.tasks.train import train
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,13 @@ import pytest
 import torch
 from PIL import Image
 
-from segvoc.checkpoint import describe
+from segvoc.checkpoints.format import describe
 from segvoc.data.check import bad_ids, check_dataset, format_report
 from segvoc.data.demo import make_demo_voc
 from segvoc.data.image import read_image
 from segvoc.models.deeplab import deeplabv3plus_mobilenet
 from segvoc.palette import VOC_CLASSES, colorize
-from segvoc.prediction import run
+from segvoc.tasks.predict import run
 from tests.conftest import compose_config
 
 SEED = 5

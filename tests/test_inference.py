@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from segvoc.inference import crop_to_sizes, infer, sliding_window
 from segvoc.models.deeplab import deeplabv3plus_mobilenet
+from segvoc.models.inference import crop_to_sizes, infer, sliding_window
 
 
 @pytest.fixture(scope="module")

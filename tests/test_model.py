@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from segvoc.checkpoint import build_from_checkpoint, describe
+from segvoc.checkpoints.format import build_from_checkpoint, describe
 from segvoc.errors import SegvocError
 from segvoc.models.backbone import InputPaddedBlock, MobileNetV2Backbone, WeightsUnavailableError
 from segvoc.models.deeplab import deeplabv3_mobilenet, deeplabv3plus_mobilenet

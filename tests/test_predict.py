@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from segvoc.checkpoint import describe
+from segvoc.checkpoints.format import describe
 from segvoc.data.demo import make_demo_voc
 from segvoc.data.image import read_image
 from segvoc.models.deeplab import deeplabv3plus_mobilenet
 from segvoc.palette import VOC_CLASSES, colorize
-from segvoc.prediction import run
-from segvoc.training import evaluate
+from segvoc.tasks.evaluate import evaluate
+from segvoc.tasks.predict import run
 from tests.conftest import compose_config, run_script
 
 
@@ -152,8 +152,8 @@ def test_no_inputs_and_unknown_format_are_clear_errors(checkpoint: Path, tmp_pat
 
 def test_onnx_model_gives_the_same_masks(checkpoint: Path, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    from segvoc.checkpoint import load_model
-    from segvoc.export import export_onnx
+    from segvoc.checkpoints.load import load_model
+    from segvoc.tasks.export import export_onnx
 
     net, meta = load_model(checkpoint)
     onnx_path = export_onnx(net, meta, tmp_path / "model.onnx")

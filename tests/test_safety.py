@@ -11,9 +11,11 @@ import lightning
 import pytest
 import torch
 
-from segvoc.checkpoint import CheckpointError, load_model, read_checkpoint
+from segvoc.checkpoints.format import CheckpointError, read_checkpoint
+from segvoc.checkpoints.load import load_model
 from segvoc.config import ConfigError
-from segvoc.training import evaluate, train
+from segvoc.tasks.evaluate import evaluate
+from segvoc.tasks.train import train
 from tests.conftest import run_script
 from tests.test_train import scalars
 

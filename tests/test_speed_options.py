@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from segvoc.checkpoint import load_model
-from segvoc.training import train
+from segvoc.checkpoints.load import load_model
+from segvoc.tasks.train import train
 
 
 def _train_steps(make_cfg, *overrides: str) -> tuple[dict[str, float], Path]:
@@ -29,7 +29,7 @@ def test_precision_and_channels_last_train_a_step(make_cfg, precision: str, chan
 
 
 def test_channels_last_puts_the_network_in_nhwc() -> None:
-    from segvoc.models.module import SegmentationModule
+    from segvoc.training.module import SegmentationModule
 
     module = SegmentationModule(fresh_net(), channels_last=True)
     module.configure_model()

@@ -13,7 +13,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from segvoc.sweep import NO_RESULT, SweepSummary, main, summarize, write_summary
+from segvoc.tasks.sweep import NO_RESULT, SweepSummary, main, summarize, write_summary
 from tests.conftest import compose_config, run_script
 
 HYDRA_LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job_logging default
@@ -52,9 +52,9 @@ def sweep(tmp_path: Path) -> Path:
     fake_job(sweep, 1, ["optimizer.lr=0.005", *common], result(0.72, step=38))
     crashed = fake_job(sweep, 2, ["optimizer.lr=0.5", *common])
     (crashed / "train.log").write_text(
-        "[2025-01-01 10:00:00,000][segvoc.training][INFO] - Run directory: x\n"
-        "[2025-01-01 10:00:09,000][segvoc.sweep][ERROR] - RuntimeError: CUDA out of memory\n"
-        "[2025-01-01 10:00:09,000][segvoc.sweep][ERROR] - The summary so far: ...\n"
+        "[2025-01-01 10:00:00,000][segvoc.tasks.train][INFO] - Run directory: x\n"
+        "[2025-01-01 10:00:09,000][segvoc.tasks.sweep][ERROR] - RuntimeError: CUDA out of memory\n"
+        "[2025-01-01 10:00:09,000][segvoc.tasks.sweep][ERROR] - The summary so far: ...\n"
     )
     fake_job(sweep, 10, ["optimizer.lr=0.001", *common])
     return sweep
@@ -162,7 +162,7 @@ def test_callback_does_nothing_outside_a_multirun(tmp_path: Path) -> None:
 
 def test_callback_is_registered() -> None:
     cfg = compose_config([], return_hydra_config=True)
-    assert [c._target_ for c in cfg.hydra.callbacks.values()] == ["segvoc.sweep.SweepSummary"]
+    assert [c._target_ for c in cfg.hydra.callbacks.values()] == ["segvoc.tasks.sweep.SweepSummary"]
 
 
 SHRINK = [  # tests/test_train.py's multirun shrink: a few seconds per job on a CPU
@@ -245,7 +245,7 @@ def test_optimized_metric_is_checked_before_training(make_cfg) -> None:
 
 def test_optimized_value_names_what_the_run_logged() -> None:
     from segvoc.config import ConfigError
-    from segvoc.training import optimized_value
+    from segvoc.tasks.train import optimized_value
 
     assert optimized_value({"val/mIoU": 0.5, "best/val/mIoU": 0.7}, "val/mIoU") == 0.5
     with pytest.raises(ConfigError, match=r"optimized_metric=best/val/mIoU .* val/mIoU"):

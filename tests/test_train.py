@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from segvoc.models.backbone import InputPaddedBlock
-from segvoc.training import train
+from segvoc.tasks.train import train
 from tests.conftest import compose_config, run_script
 
 

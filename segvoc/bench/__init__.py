@@ -11,7 +11,7 @@ A fixed set of measurements, each through the code path that training, validatio
              off/on; for the eager settings also through a plain PyTorch loop doing the same work, and Lightning's
              overhead per step over it.
 ``val``      whole VOC-size images (landscape and portrait) through ``trainer.validate``.
-``predict``  JPEG files on disk to mask PNGs on disk through ``segvoc.prediction.run``.
+``predict``  JPEG files on disk to mask PNGs on disk through ``segvoc.tasks.predict.run``.
 ``flops``    FLOPs of one forward pass at ``1 x 3 x crop_size x crop_size`` counted by ``torch.utils.flop_counter``.
 ``memory``   (always, last) the peak host memory of the whole run and the largest peak device memory.
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 
 from segvoc.bench.runner import Bench
-from segvoc.bench.sections import SECTIONS
+from segvoc.bench.sections import SECTIONS, run
 from segvoc.bench.workloads import PRECISIONS
 from segvoc.cli import command_parser, run_command
 
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> Bench:
             f"threads, load average {env['load_average']}), torch {env['torch']}, lightning {env['lightning']}"
         )
         try:
-            bench.run()
+            run(bench, args.sections)
         finally:
             report.save()
             console.print(bench.table())

@@ -8,7 +8,6 @@ import argparse
 import logging
 import os
 import platform
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,9 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from segvoc.bench.report import Report, Result, cpu_name, device_label, host_peak_mib
-from segvoc.bench.sections import SECTIONS
 from segvoc.bench.workloads import PRECISIONS, TrainSetting
-from segvoc.config import register_config_resolvers
+from segvoc.config import register_resolvers
 from segvoc.data.datamodule import default_num_workers
 from segvoc.data.demo import make_scene, write_voc_tree
 from segvoc.errors import SegvocError
@@ -60,7 +58,7 @@ SIZES = {
 def compose_config(config_name: str, overrides: Sequence[str]) -> DictConfig:
     """``conf/<config_name>.yaml`` composed with ``overrides``, as the entry points compose it. An override that
     does not apply (unknown key or choice, bad syntax) is a ``SegvocError`` naming it."""
-    register_config_resolvers()  # ${len:...} of conf/data/custom.yaml
+    register_resolvers()  # ${len:...} of conf/data/custom.yaml
     with initialize(version_base="1.3", config_path="../../conf"):
         try:
             return compose(config_name=config_name, overrides=list(overrides))
@@ -261,21 +259,6 @@ class Bench:
     def predict_config(self, *overrides: str) -> DictConfig:
         """The prediction config (conf/predict.yaml) with ``overrides``; the command line's apply to training only."""
         return compose_config("predict", overrides)
-
-    # ----------------------------------------------------------------------------------------------- the run
-    def run(self) -> None:
-        """Run the selected sections in order, then record the memory totals. A section whose set-up fails is
-        recorded as failed and the next one runs."""
-        for section in self.args.sections:
-            self.console.rule(section)
-            start = time.perf_counter()
-            try:
-                SECTIONS[section](self)
-            except Exception as exc:  # noqa: BLE001 - a broken section set-up must not lose the other sections
-                log.exception("section %s failed", section)
-                self.report.fail(section, "set-up", exc)
-            self.report.section_seconds[section] = round(time.perf_counter() - start, 1)
-        self.record_memory()
 
     def record_memory(self) -> None:
         """The run's totals: the peak host memory of this process and the largest peak device memory."""

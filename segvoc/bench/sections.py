@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +36,8 @@ from segvoc.bench.workloads import (
     training_overrides,
 )
 from segvoc.data.datamodule import VOCDataModule, default_num_workers
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from segvoc.bench.runner import Bench
@@ -245,7 +248,7 @@ def measure_val(bench: Bench) -> None:
 
 # ----------------------------------------------------------------------------------------------------------- predict
 def write_checkpoint(cfg: DictConfig, path: Path) -> Path:
-    """Save the configured module, freshly built with seed 0, as a checkpoint ``segvoc.prediction`` loads: its
+    """Save the configured module, freshly built with seed 0, as a checkpoint ``segvoc.tasks.predict`` loads: its
     state dict and what Lightning adds through ``on_save_checkpoint`` (network spec, classes, normalisation)."""
     torch.manual_seed(0)
     module = instantiate(cfg.model)
@@ -264,9 +267,9 @@ def link_folder(path: Path, files: Sequence[Path]) -> Path:
 
 
 def measure_predict(bench: Bench) -> None:
-    """JPEG files to mask PNGs through segvoc.prediction.run, with a checkpoint the configured module writes; one
+    """JPEG files to mask PNGs through segvoc.tasks.predict.run, with a checkpoint the configured module writes; one
     untimed call on two images first."""
-    from segvoc.prediction import run as predict
+    from segvoc.tasks.predict import run as predict
 
     cfg = bench.train_config()
     ckpt = write_checkpoint(cfg, bench.workdir / "bench.ckpt")
@@ -345,3 +348,18 @@ SECTIONS: dict[str, Callable[[Bench], None]] = {
     "predict": measure_predict,
     "flops": measure_flops,
 }
+
+
+def run(bench: Bench, sections: Sequence[str]) -> None:
+    """Run ``sections`` of ``bench`` in order, then record the memory totals. A section whose set-up fails is
+    recorded as failed and the next one runs."""
+    for section in sections:
+        bench.console.rule(section)
+        start = time.perf_counter()
+        try:
+            SECTIONS[section](bench)
+        except Exception as exc:  # noqa: BLE001 - a broken section set-up must not lose the other sections
+            log.exception("section %s failed", section)
+            bench.report.fail(section, "set-up", exc)
+        bench.report.section_seconds[section] = round(time.perf_counter() - start, 1)
+    bench.record_memory()

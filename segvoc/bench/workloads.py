@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from segvoc.data.transforms import normalize
 
 if TYPE_CHECKING:
-    from segvoc.models.module import SegmentationModule
+    from segvoc.training.module import SegmentationModule
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 

@@ -23,11 +23,11 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
-from segvoc.config import validate_data
+from segvoc.config import register_resolvers, validate_data
 from segvoc.data.download import VOC_MEMBER
 from segvoc.data.image import read_image, unreadable_reason
 from segvoc.data.voc import AUG_MASK_DIR, AUG_SPLIT, IMAGE_DIR, MASK_DIR, SPLIT_DIR, aug_hint
-from segvoc.errors import SegvocError, user_error
+from segvoc.errors import SegvocError, exit_on_user_error
 from segvoc.palette import IGNORE_INDEX, voc_palette
 
 log = logging.getLogger(__name__)
@@ -412,15 +412,12 @@ def main(cfg: DictConfig) -> None:
             log.info("Converted %d RGB masks to palette PNGs of class indices", _convert_rgb_masks(problems))
             problems = check_dataset(voc, splits, data.num_classes, data.ignore_index, cfg.workers, mask_dir=mask_dir)
     except Exception as exc:
-        error = user_error(exc)
-        if error is None:
-            raise
-        log.error("%s", error)
-        sys.exit(1)
+        exit_on_user_error(exc)
     print(f"Dataset check of {voc} (splits: {', '.join(dict.fromkeys(splits))}, {data.num_classes} classes):")
     print(format_report(problems, cfg.limit_per_kind))
     sys.exit(1 if problems else 0)
 
 
 if __name__ == "__main__":
+    register_resolvers()  # ${len:...} of data=custom
     main()

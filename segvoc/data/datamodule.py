@@ -23,6 +23,16 @@ from segvoc.errors import SegvocError
 from segvoc.palette import IGNORE_INDEX
 
 
+def pad_stack(tensors: Sequence[torch.Tensor], value: int = 0) -> torch.Tensor:
+    """Stack tensors ``(..., H, W)`` of different sizes into one, each padded with ``value`` at the bottom/right to
+    the largest height and width (``segvoc.models.inference.crop_to_sizes`` undoes it)."""
+    height = max(t.shape[-2] for t in tensors)
+    width = max(t.shape[-1] for t in tensors)
+    return torch.stack(
+        [F.pad(t, (0, width - t.shape[-1], 0, height - t.shape[-2]), value=value) for t in tensors]
+    )
+
+
 def pad_collate(
     batch: Sequence[tuple[torch.Tensor, torch.Tensor]], ignore_index: int = IGNORE_INDEX
 ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
@@ -30,14 +40,8 @@ def pad_collate(
 
     Returns ``(images, masks, sizes)``; ``sizes[i]`` is the ``(height, width)`` of sample ``i`` before padding.
     """
-    height = max(image.shape[-2] for image, _ in batch)
-    width = max(image.shape[-1] for image, _ in batch)
-
-    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
-        return F.pad(t, (0, width - t.shape[-1], 0, height - t.shape[-2]), value=value)
-
-    images = torch.stack([pad(image, 0) for image, _ in batch])
-    masks = torch.stack([pad(mask, ignore_index) for _, mask in batch])
+    images = pad_stack([image for image, _ in batch])
+    masks = pad_stack([mask for _, mask in batch], ignore_index)
     return images, masks, [tuple(image.shape[-2:]) for image, _ in batch]
 
 

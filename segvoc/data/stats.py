@@ -38,7 +38,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from segvoc.config import validate_data
+from segvoc.config import register_resolvers, validate_data
 from segvoc.data.download import VOC_MEMBER
 from segvoc.data.image import read_mask
 from segvoc.data.voc import MASK_DIR, read_split
@@ -229,4 +229,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    register_resolvers()  # ${len:...} of data=custom
     main()

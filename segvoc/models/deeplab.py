@@ -1,8 +1,9 @@
-"""DeepLabV3 and DeepLabV3+ heads (ASPP, decoder) and the networks that join them to a backbone."""
+"""The DeepLab networks: a backbone joined to a head, the builders of each architecture, and the architecture table
+(``ARCHITECTURES``) by which checkpoints name their network. Plain ``nn.Module``s: nothing here reads checkpoints."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,98 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from segvoc.models.backbone import BlockPadding, MobileNetV2Backbone
+from segvoc.models.heads import DeepLabV3Head, DeepLabV3PlusHead
 
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
-
-
-def _conv_bn_relu(in_ch: int, out_ch: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
-    padding = dilation * (kernel - 1) // 2
-    return nn.Sequential(
-        nn.Conv2d(in_ch, out_ch, kernel, padding=padding, dilation=dilation, bias=False),
-        nn.BatchNorm2d(out_ch),
-        nn.ReLU(inplace=True),
-    )
-
-
-class ImagePooling(nn.Module):
-    """ASPP's image-level branch: global average, 1x1 conv + BN + ReLU, broadcast back to the input size.
-
-    The pooled map has one value per channel and image, so BatchNorm cannot compute batch statistics for a batch
-    of one; in that case (training with batch 1) it normalises with its running statistics instead of failing.
-    """
-
-    def __init__(self, in_ch: int, out_ch: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_ch, 1, bias=False)
-        self.bn = nn.BatchNorm2d(out_ch)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(F.adaptive_avg_pool2d(x, 1))
-        if self.training and y.shape[0] == 1:
-            bn = self.bn
-            y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-        else:
-            y = self.bn(y)
-        return F.interpolate(F.relu(y), size=x.shape[-2:], mode="bilinear", align_corners=False)
-
-
-class ASPP(nn.Module):
-    """Atrous spatial pyramid pooling: a 1x1 branch, three atrous 3x3 branches, image pooling, 1x1 projection."""
-
-    def __init__(self, in_ch: int, rates: Sequence[int], out_ch: int = 256, dropout: float = 0.1) -> None:
-        super().__init__()
-        self.branches = nn.ModuleList(
-            [_conv_bn_relu(in_ch, out_ch)]
-            + [_conv_bn_relu(in_ch, out_ch, kernel=3, dilation=r) for r in rates]
-            + [ImagePooling(in_ch, out_ch)]
-        )
-        self.project = nn.Sequential(
-            _conv_bn_relu(out_ch * len(self.branches), out_ch),
-            nn.Dropout(dropout),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project(torch.cat([branch(x) for branch in self.branches], dim=1))
-
-
-class DeepLabV3Head(nn.Module):
-    """DeepLabV3: ASPP on the high-level features, a 3x3 conv, a 1x1 classifier. Logits at the output stride."""
-
-    def __init__(self, high_ch: int, num_classes: int, rates: Sequence[int], channels: int = 256) -> None:
-        super().__init__()
-        self.aspp = ASPP(high_ch, rates, channels)
-        self.fuse = _conv_bn_relu(channels, channels, kernel=3)
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
-
-    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.classifier(self.fuse(self.aspp(features["high"])))
-
-
-class DeepLabV3PlusHead(nn.Module):
-    """DeepLabV3+: ASPP output upsampled to stride 4, joined with projected low-level features, 3x3 conv, 1x1.
-
-    Returns logits at stride 4 of the input.
-    """
-
-    def __init__(
-        self,
-        low_ch: int,
-        high_ch: int,
-        num_classes: int,
-        rates: Sequence[int],
-        channels: int = 256,
-        low_proj_ch: int = 48,
-    ) -> None:
-        super().__init__()
-        self.aspp = ASPP(high_ch, rates, channels)
-        self.low_project = _conv_bn_relu(low_ch, low_proj_ch)
-        self.fuse = _conv_bn_relu(channels + low_proj_ch, channels, kernel=3)
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
-
-    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        low = self.low_project(features["low"])
-        high = F.interpolate(self.aspp(features["high"]), size=low.shape[-2:], mode="bilinear", align_corners=False)
-        return self.classifier(self.fuse(torch.cat([high, low], dim=1)))
 
 
 class DeepLab(nn.Module):
@@ -124,16 +36,6 @@ class DeepLab(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def _init(net: DeepLab, init_from: str | Path | None) -> DeepLab:
-    """``net``, with the weights of the checkpoint ``init_from`` when given (fine-tuning): every tensor but the final
-    classifier's when the number of classes differs; see ``segvoc.checkpoint.init_from_checkpoint``."""
-    if init_from:
-        from segvoc.checkpoint import init_from_checkpoint  # segvoc.checkpoint builds networks with this module
-
-        init_from_checkpoint(net, Path(init_from).expanduser())
-    return net
-
-
 def deeplabv3plus_mobilenet(
     num_classes: int = 21,
     output_stride: int = 16,
@@ -142,23 +44,19 @@ def deeplabv3plus_mobilenet(
     stem_padding: int = 1,
     block_padding: BlockPadding = "depthwise",
     backbone_bn_momentum: float | None = None,
-    init_from: str | Path | None = None,
 ) -> DeepLab:
     """DeepLabV3+ on MobileNetV2 (5,225,717 parameters with 21 classes).
 
     ``stem_padding``, ``block_padding``, ``backbone_bn_momentum``: see ``MobileNetV2Backbone`` (``bn_momentum``); the
     paddings are part of the spec a checkpoint records, the momentum is a training setting and is not.
-    ``init_from``: start from the weights of a segvoc or seed checkpoint instead of ImageNet's (see ``_init``).
     """
-    if init_from:
-        pretrained, weights_path = False, None  # the checkpoint's weights replace the ImageNet ones
     backbone = MobileNetV2Backbone(
         output_stride, pretrained, weights_path, stem_padding, block_padding, backbone_bn_momentum
     )
     head = DeepLabV3PlusHead(backbone.low_channels, backbone.high_channels, num_classes, ASPP_RATES[output_stride])
     spec = {"arch": "deeplabv3plus", "num_classes": num_classes, "output_stride": output_stride}
     spec |= {"stem_padding": stem_padding, "block_padding": block_padding}
-    return _init(DeepLab(backbone, head, spec), init_from)
+    return DeepLab(backbone, head, spec)
 
 
 def deeplabv3_mobilenet(
@@ -169,19 +67,23 @@ def deeplabv3_mobilenet(
     stem_padding: int = 1,
     block_padding: BlockPadding = "depthwise",
     backbone_bn_momentum: float | None = None,
-    init_from: str | Path | None = None,
 ) -> DeepLab:
     """DeepLabV3 (no decoder) on MobileNetV2.
 
     Options as for ``deeplabv3plus_mobilenet``.
-    ``init_from``: start from the weights of a segvoc or seed checkpoint instead of ImageNet's (see ``_init``).
     """
-    if init_from:
-        pretrained, weights_path = False, None  # the checkpoint's weights replace the ImageNet ones
     backbone = MobileNetV2Backbone(
         output_stride, pretrained, weights_path, stem_padding, block_padding, backbone_bn_momentum
     )
     head = DeepLabV3Head(backbone.high_channels, num_classes, ASPP_RATES[output_stride])
     spec = {"arch": "deeplabv3", "num_classes": num_classes, "output_stride": output_stride}
     spec |= {"stem_padding": stem_padding, "block_padding": block_padding}
-    return _init(DeepLab(backbone, head, spec), init_from)
+    return DeepLab(backbone, head, spec)
+
+
+# The networks a checkpoint may name (its spec's ``arch``). A checkpoint names one of these keys, never an import
+# path, so loading one cannot run code.
+ARCHITECTURES: dict[str, Callable[..., DeepLab]] = {
+    "deeplabv3plus": deeplabv3plus_mobilenet,
+    "deeplabv3": deeplabv3_mobilenet,
+}

@@ -9,17 +9,15 @@ input (``block_padding="input"``); both are recorded in the converted checkpoint
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from segvoc.checkpoint import META_KEY, CheckpointError, describe
+from segvoc.checkpoints.format import META_KEY, CheckpointError, describe
 from segvoc.models.deeplab import DeepLab, deeplabv3plus_mobilenet
-from segvoc.palette import VOC_CLASSES
+from segvoc.palette import default_class_names
 
 SEED_STATE_KEY = "model_state"
 NET_PREFIX = "net."
@@ -49,30 +47,6 @@ def _module_renames() -> dict[str, str]:
 
 _RENAMES = _module_renames()
 _INVERSE = {ours: seed for seed, ours in _RENAMES.items()}
-
-
-def _numpy_scalar_globals() -> list[Any]:
-    """What ``torch.load(weights_only=True)`` must allow to rebuild a pickled numpy float or int scalar."""
-    scalar = np.float64(0).__reduce__()[0]
-    return [
-        # numpy 1 pickles name numpy.core, numpy 2 pickles numpy._core; both resolve to the same function.
-        (scalar, "numpy.core.multiarray.scalar"),
-        (scalar, "numpy._core.multiarray.scalar"),
-        np.dtype,
-        *(type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32)),
-    ]
-
-
-SEED_SAFE_GLOBALS = _numpy_scalar_globals()
-
-
-def seed_safe_globals() -> contextlib.AbstractContextManager:
-    """A context in which ``torch.load(weights_only=True)`` also reads numeric numpy scalars, and nothing more.
-
-    The seed tool stores ``best_score`` as a ``numpy.float64`` (its mean IoU), which the weights-only unpickler
-    refuses by default. Rebuilding a numeric numpy scalar from its bytes runs no code.
-    """
-    return torch.serialization.safe_globals(SEED_SAFE_GLOBALS)
 
 
 def is_seed_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
@@ -167,8 +141,8 @@ def convert_seed_checkpoint(
 
     The state dict cannot tell which output stride the seed model ran at, so ``output_stride`` (8 or 16; the seed
     tool's default is 16) is taken as given. ``class_names`` defaults to the VOC classes for 21 classes and to
-    ``class_<i>`` otherwise. The result loads with ``segvoc.checkpoint.build_from_checkpoint``; ``"seed"`` keeps the
-    seed's ``cur_itrs`` and ``best_score`` as plain values.
+    ``class_<i>`` otherwise. The result loads with ``segvoc.checkpoints.format.build_from_checkpoint``; ``"seed"``
+    keeps the seed's ``cur_itrs`` and ``best_score`` as plain values.
     """
     if not is_seed_checkpoint(checkpoint):
         raise CheckpointError(
@@ -187,9 +161,7 @@ def convert_seed_checkpoint(
         )
     num_classes = classifier.shape[0]
     if class_names is None:
-        class_names = (
-            list(VOC_CLASSES) if num_classes == len(VOC_CLASSES) else [f"class_{i}" for i in range(num_classes)]
-        )
+        class_names = default_class_names(num_classes)
     if len(class_names) != num_classes:
         raise CheckpointError(
             f"{source} predicts {num_classes} classes but {len(class_names)} class names were given; pass one name "

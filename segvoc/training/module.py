@@ -13,10 +13,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from torch import nn
 
-from segvoc.checkpoint import META_KEY, describe
+from segvoc.checkpoints.format import META_KEY, describe
 from segvoc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
-from segvoc.inference import crop_to_sizes, infer
 from segvoc.metrics import SegmentationMetrics
+from segvoc.models.inference import crop_to_sizes, infer
 from segvoc.palette import IGNORE_INDEX, class_palette, default_class_names
 from segvoc.visualize import confusion_image, denormalize, panel
 
@@ -34,7 +34,8 @@ class SegmentationModule(L.LightningModule):
 
     ``optimizer`` and ``scheduler`` are partials (Hydra ``_partial_: true``) bound to the parameters here: the
     backbone gets ``lr * backbone_lr_mult``, the head ``lr``; the scheduler is stepped every iteration. Validation
-    runs ``segvoc.inference.infer`` with the ``inference`` options (``scales``, ``flip``, ``window``, ``overlap``).
+    runs ``segvoc.models.inference.infer`` with the ``inference`` options (``scales``, ``flip``, ``window``,
+    ``overlap``).
     Logged: ``train/loss``, ``train/mIoU``, ``lr``, ``val/loss``, ``val/mIoU``, ``val/acc``, ``val/mean_acc``,
     ``val/fw_iou``, ``val/iou/<class>``; to TensorBoard also the first ``num_val_images`` validation images as
     image | ground truth | prediction | overlay, and the confusion matrix. With ``save_val_dir`` every validation

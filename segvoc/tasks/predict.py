@@ -2,7 +2,7 @@
 formats.
 
 ``run(cfg)`` is the body of ``predict.py``. Files are read by DataLoader workers, run through
-``segvoc.inference.infer`` in batches of same-size images, and written by a thread pool while the next batch is
+``segvoc.models.inference.infer`` in batches of same-size images, and written by a thread pool while the next batch is
 computed. An unreadable file is reported and skipped; the others are still written.
 """
 
@@ -10,28 +10,26 @@ from __future__ import annotations
 
 import glob
 import logging
-import zipfile
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from rich.progress import Progress
 from torch.utils.data import DataLoader, Dataset
 
-from segvoc.checkpoint import load_model
-from segvoc.data.datamodule import default_num_workers
+from segvoc.checkpoints.load import load_predictor
+from segvoc.data.datamodule import default_num_workers, pad_stack
 from segvoc.data.image import displayed_sizes, read_image
 from segvoc.data.sampler import SizeGroupedBatchSampler
 from segvoc.data.transforms import normalize
 from segvoc.errors import SegvocError
-from segvoc.inference import crop_to_sizes, infer
+from segvoc.models.inference import crop_to_sizes, infer
 from segvoc.palette import IGNORE_INDEX, lookup_table
 from segvoc.visualize import overlay
 
@@ -84,26 +82,9 @@ def collate(items: Sequence[tuple[torch.Tensor | None, int, str | None]]) -> dic
     failed = [(index, error) for image, index, error in items if image is None]
     if not good:
         return {"images": None, "indices": [], "sizes": [], "failed": failed}
-    height = max(image.shape[1] for image, _ in good)
-    width = max(image.shape[2] for image, _ in good)
-    images = torch.stack([F.pad(image, (0, width - image.shape[2], 0, height - image.shape[1])) for image, _ in good])
+    images = pad_stack([image for image, _ in good])
     sizes = [tuple(image.shape[1:]) for image, _ in good]
     return {"images": images, "indices": [i for _, i in good], "sizes": sizes, "failed": failed}
-
-
-def load_predictor(path: str | Path, output_stride: int = 16) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
-    """``(net, meta)`` from a segvoc or seed checkpoint, an ONNX file, or a TorchScript file."""
-    path = Path(path)
-    if path.suffix == ".onnx" or (path.is_file() and zipfile.is_zipfile(path) and _is_torchscript(path)):
-        from segvoc.export import load_exported
-
-        return load_exported(path)
-    return load_model(path, output_stride=output_stride)
-
-
-def _is_torchscript(path: Path) -> bool:
-    with zipfile.ZipFile(path) as archive:
-        return any("/code/" in name for name in archive.namelist())
 
 
 def write_outputs(

@@ -9,8 +9,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from omegaconf import OmegaConf
-
 from segvoc.errors import SegvocError
 
 if TYPE_CHECKING:
@@ -36,13 +34,6 @@ def resume_config_subdir(ckpt_path: str | None, stamp: str) -> str:
     """Where Hydra records the config of this launch: ``.hydra``, or ``.hydra/resume-<stamp>`` when resuming in
     the checkpoint's run directory, so the original run's record is kept."""
     return f".hydra/resume-{stamp}" if resume_run_dir(ckpt_path, "") else ".hydra"
-
-
-def register_resolvers() -> None:
-    """Make ``${resume_run_dir:...}`` and ``${resume_config_subdir:...}`` available to configs (idempotent)."""
-    for name, resolver in (("resume_run_dir", resume_run_dir), ("resume_config_subdir", resume_config_subdir)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, resolver)
 
 
 def record_run(output_dir: str | Path, argv: list[str] | None = None) -> Path:
