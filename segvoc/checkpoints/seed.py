@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from segvoc.checkpoints.format import META_KEY, CheckpointError, describe
+from segvoc.models.backbone import check_output_stride
 from segvoc.models.deeplab import DeepLab, deeplabv3plus_mobilenet
 from segvoc.palette import default_class_names
 
@@ -149,8 +150,7 @@ def convert_seed_checkpoint(
             f"{source} is not a checkpoint of the seed report's tool: it has no '{SEED_STATE_KEY}' dictionary "
             f"(its keys: {list(checkpoint)[:8]})."
         )
-    if output_stride not in (8, 16):
-        raise CheckpointError(f"Output stride {output_stride} is not supported for {source}; use 16 or 8.")
+    check_output_stride(output_stride, f"The output stride for {source}", CheckpointError)
     model_state = checkpoint[SEED_STATE_KEY]
     state = seed_to_segvoc_state(model_state, source)
     classifier = state.get(NET_PREFIX + "head.classifier.weight")

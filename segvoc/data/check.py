@@ -9,7 +9,6 @@ training uses to refuse a broken dataset or to leave its bad samples out.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from collections import Counter
@@ -26,8 +25,9 @@ from PIL import Image
 from segvoc.config import register_resolvers, validate_data
 from segvoc.data.download import VOC_MEMBER
 from segvoc.data.image import read_image, unreadable_reason
-from segvoc.data.voc import AUG_MASK_DIR, AUG_SPLIT, IMAGE_DIR, MASK_DIR, SPLIT_DIR, aug_hint
+from segvoc.data.voc import AUG_MASK_DIR, AUG_SPLIT, IMAGE_DIR, MASK_DIR, SPLIT_DIR, aug_hint, split_ids
 from segvoc.errors import SegvocError, exit_on_user_error
+from segvoc.files import atomic_save
 from segvoc.palette import IGNORE_INDEX, voc_palette
 
 log = logging.getLogger(__name__)
@@ -140,9 +140,7 @@ def write_index_mask(path: str | Path, indices: np.ndarray) -> None:
     path = Path(path)
     image = Image.fromarray(np.ascontiguousarray(indices, dtype=np.uint8))
     image.putpalette(_PALETTE.flatten().tolist())  # L -> P, the indices unchanged
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_save(path, lambda f: image.save(f, format="PNG"))
 
 
 def _value_problem(path: Path, values: np.ndarray, allowed: np.ndarray, num_classes: int, ignore: int) -> str | None:
@@ -234,8 +232,7 @@ def _read_split_lines(voc: Path, split: str) -> tuple[list[tuple[int, str]], Pro
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         return [], Problem("unreadable_split", split, None, path, f"Cannot read the split file {path}: {exc}.")
-    # the same parsing as segvoc.data.voc.read_split: the first word of every non-blank line
-    return [(n, line.split()[0]) for n, line in enumerate(text.splitlines(), 1) if line.strip()], None
+    return split_ids(text), None
 
 
 def check_dataset(

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from segvoc.data.voc import IMAGE_DIR, LAYOUT_DIRS, MASK_DIR, SPLIT_DIR
 from segvoc.errors import SegvocError
 from segvoc.palette import IGNORE_INDEX, voc_palette
 
@@ -113,7 +114,7 @@ def write_voc_tree(
     a function of its arguments. Ids are ``<prefix>_<n:05d>``, ``n`` counting on across the splits. Folders are
     created as needed and files of the same names overwritten; making the tree appear atomically is the caller's job.
     """
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+    for sub in LAYOUT_DIRS:
         (voc / sub).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     palette = voc_palette().flatten().tolist()
@@ -124,13 +125,13 @@ def write_voc_tree(
             name = f"{prefix}_{index:05d}"
             index += 1
             image, mask = scene(rng, i)
-            jpeg = voc / "JPEGImages" / f"{name}.jpg"
+            jpeg = voc / IMAGE_DIR / f"{name}.jpg"
             cv2.imwrite(str(jpeg), image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
             png = Image.fromarray(mask, mode="P")
             png.putpalette(palette)
-            png.save(voc / "SegmentationClass" / f"{name}.png")
+            png.save(voc / MASK_DIR / f"{name}.png")
             ids.append(name)
-        (voc / "ImageSets/Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+        (voc / SPLIT_DIR / f"{split}.txt").write_text("\n".join(ids) + "\n")
     return voc
 
 

@@ -30,6 +30,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from segvoc.data.voc import LAYOUT_DIRS
 from segvoc.errors import SegvocError
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ VOC_MD5 = "6cd6e144f989b92b3379bac3b3de84fd"
 VOC_TAR_NAME = "VOCtrainval_11-May-2012.tar"
 
 VOC_MEMBER = "VOCdevkit/VOC2012"  # where the tree sits inside the tar, and under the data root
-REQUIRED_DIRS = ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation")
+REQUIRED_DIRS = LAYOUT_DIRS
 READ_CHUNK = 1 << 16
 # The "data" filter (Python >= 3.10.12) also drops special files and unsafe permissions; our own member check
 # runs first either way so that the error names the member.

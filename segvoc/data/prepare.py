@@ -49,7 +49,7 @@ from segvoc.data.download import (
     md5sum,
     voc_dir,
 )
-from segvoc.data.voc import AUG_MASK_DIR, AUG_SPLIT, IMAGE_DIR, MASK_DIR, SPLIT_DIR, read_split
+from segvoc.data.voc import AUG_MASK_DIR, AUG_SPLIT, IMAGE_DIR, MASK_DIR, SPLIT_DIR, read_split, split_ids
 from segvoc.files import atomic_open, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ def _read_sbd_list(dataset: Path, split: str, origin: Path) -> list[str]:
             f"{SBD_TAR_NAME} or the benchmark_RELEASE folder extracted from it (the VOC2012 tar is a different "
             "file). Pass one of those with --tar, or drop --tar to download the archive."
         )
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    return [name for _, name in split_ids(path.read_text())]
 
 
 def _first(names: Iterable[str], limit: int = 10) -> str:

@@ -16,6 +16,8 @@ from segvoc.errors import SegvocError
 IMAGE_DIR = "JPEGImages"
 MASK_DIR = "SegmentationClass"
 SPLIT_DIR = Path("ImageSets") / "Segmentation"
+# the folders of a VOC-layout tree: images, masks, split lists
+LAYOUT_DIRS = (IMAGE_DIR, MASK_DIR, SPLIT_DIR.as_posix())
 
 
 # The SBD-augmented training set ("trainaug") that `python -m segvoc.data.prepare sbd` writes into a VOC2012 folder.
@@ -31,6 +33,11 @@ def aug_hint(voc: Path) -> str:
     )
 
 
+def split_ids(text: str) -> list[tuple[int, str]]:
+    """``(line number, id)`` for every non-blank line of a split list: its first word (VOC's and SBD's lists)."""
+    return [(number, line.split()[0]) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
 def read_split(voc: Path, split: str) -> list[str]:
     """Return the ids listed in ``ImageSets/Segmentation/<split>.txt`` (blank lines skipped)."""
     path = voc / SPLIT_DIR / f"{split}.txt"
@@ -41,7 +48,7 @@ def read_split(voc: Path, split: str) -> list[str]:
             "Check data.root and the data.train_split / data.val_split names."
             + (f" {aug_hint(voc)}" if split == AUG_SPLIT else "")
         )
-    ids = [line.strip().split()[0] for line in path.read_text().splitlines() if line.strip()]
+    ids = [name for _, name in split_ids(path.read_text())]
     if not ids:
         raise SegvocError(f"The split file {path} lists no image ids; it must hold one id per line.")
     return ids

@@ -23,6 +23,21 @@ BlockPadding = Literal["depthwise", "input"]
 BLOCK_PADDINGS: tuple[str, ...] = get_args(BlockPadding)
 
 
+# The output strides the backbone can run at (strides beyond them become dilations) and ASPP has rates for.
+OUTPUT_STRIDES = (16, 8)
+
+
+def check_output_stride(
+    output_stride: object, key: str = "model.net.output_stride", error: type[SegvocError] = SegvocError
+) -> None:
+    """Raise ``error`` naming ``key`` unless ``output_stride`` is one of ``OUTPUT_STRIDES``."""
+    if output_stride not in OUTPUT_STRIDES:
+        raise error(
+            f"{key}={output_stride} is not supported: use 16 (ASPP rates 6/12/18) or 8 (12/24/36, about 3x the "
+            "compute)."
+        )
+
+
 class WeightsUnavailableError(SegvocError):
     """The ImageNet weights for the backbone could not be obtained."""
 
@@ -130,8 +145,7 @@ class MobileNetV2Backbone(nn.Module):
         bn_momentum: float | None = None,
     ) -> None:
         super().__init__()
-        if output_stride not in (8, 16):
-            raise SegvocError(f"model.net.output_stride={output_stride} is not supported; use 8 or 16.")
+        check_output_stride(output_stride)
         if block_padding not in BLOCK_PADDINGS:
             raise SegvocError(
                 f"model.net.block_padding={block_padding!r} is not supported; use 'depthwise' (torchvision's, for "
