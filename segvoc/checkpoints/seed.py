@@ -167,7 +167,9 @@ def convert_seed_checkpoint(
             f"{source} predicts {num_classes} classes but {len(class_names)} class names were given; pass one name "
             "per output channel."
         )
-    net = deeplabv3plus_mobilenet(num_classes, output_stride, stem_padding=0, block_padding="input")
+    net = deeplabv3plus_mobilenet(
+        num_classes=num_classes, output_stride=output_stride, stem_padding=0, block_padding="input"
+    )
     _check_fits(state, net, source)
     net.load_state_dict({k[len(NET_PREFIX) :]: v for k, v in state.items()})
     best_score = checkpoint.get("best_score")

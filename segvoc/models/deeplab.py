@@ -36,7 +36,24 @@ class DeepLab(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def deeplabv3plus_mobilenet(
+def _deeplabv3plus_head(backbone: MobileNetV2Backbone, num_classes: int, rates: tuple[int, ...]) -> nn.Module:
+    return DeepLabV3PlusHead(backbone.low_channels, backbone.high_channels, num_classes, rates)
+
+
+def _deeplabv3_head(backbone: MobileNetV2Backbone, num_classes: int, rates: tuple[int, ...]) -> nn.Module:
+    return DeepLabV3Head(backbone.high_channels, num_classes, rates)
+
+
+# The heads a checkpoint may name (its spec's ``arch``). A checkpoint names one of these keys, never an import path,
+# so loading one cannot run code.
+HEADS: dict[str, Callable[[MobileNetV2Backbone, int, tuple[int, ...]], nn.Module]] = {
+    "deeplabv3plus": _deeplabv3plus_head,  # ASPP + decoder on the stride-4 features: 5,225,717 parameters
+    "deeplabv3": _deeplabv3_head,  # ASPP only
+}
+
+
+def deeplab_mobilenet(
+    arch: str = "deeplabv3plus",
     num_classes: int = 21,
     output_stride: int = 16,
     pretrained: bool = False,
@@ -45,7 +62,7 @@ def deeplabv3plus_mobilenet(
     block_padding: BlockPadding = "depthwise",
     backbone_bn_momentum: float | None = None,
 ) -> DeepLab:
-    """DeepLabV3+ on MobileNetV2 (5,225,717 parameters with 21 classes).
+    """The DeepLab network ``arch`` (a key of ``HEADS``) on a MobileNetV2 backbone.
 
     ``stem_padding``, ``block_padding``, ``backbone_bn_momentum``: see ``MobileNetV2Backbone`` (``bn_momentum``); the
     paddings are part of the spec a checkpoint records, the momentum is a training setting and is not.
@@ -53,36 +70,23 @@ def deeplabv3plus_mobilenet(
     backbone = MobileNetV2Backbone(
         output_stride, pretrained, weights_path, stem_padding, block_padding, backbone_bn_momentum
     )
-    head = DeepLabV3PlusHead(backbone.low_channels, backbone.high_channels, num_classes, ASPP_RATES[output_stride])
-    spec = {"arch": "deeplabv3plus", "num_classes": num_classes, "output_stride": output_stride}
+    head = HEADS[arch](backbone, num_classes, ASPP_RATES[output_stride])
+    spec = {"arch": arch, "num_classes": num_classes, "output_stride": output_stride}
     spec |= {"stem_padding": stem_padding, "block_padding": block_padding}
     return DeepLab(backbone, head, spec)
 
 
-def deeplabv3_mobilenet(
-    num_classes: int = 21,
-    output_stride: int = 16,
-    pretrained: bool = False,
-    weights_path: str | Path | None = None,
-    stem_padding: int = 1,
-    block_padding: BlockPadding = "depthwise",
-    backbone_bn_momentum: float | None = None,
-) -> DeepLab:
-    """DeepLabV3 (no decoder) on MobileNetV2.
-
-    Options as for ``deeplabv3plus_mobilenet``.
-    """
-    backbone = MobileNetV2Backbone(
-        output_stride, pretrained, weights_path, stem_padding, block_padding, backbone_bn_momentum
-    )
-    head = DeepLabV3Head(backbone.high_channels, num_classes, ASPP_RATES[output_stride])
-    spec = {"arch": "deeplabv3", "num_classes": num_classes, "output_stride": output_stride}
-    spec |= {"stem_padding": stem_padding, "block_padding": block_padding}
-    return DeepLab(backbone, head, spec)
+def deeplabv3plus_mobilenet(**options: Any) -> DeepLab:
+    """DeepLabV3+ on MobileNetV2 (5,225,717 parameters with 21 classes); options of ``deeplab_mobilenet``."""
+    return deeplab_mobilenet("deeplabv3plus", **options)
 
 
-# The networks a checkpoint may name (its spec's ``arch``). A checkpoint names one of these keys, never an import
-# path, so loading one cannot run code.
+def deeplabv3_mobilenet(**options: Any) -> DeepLab:
+    """DeepLabV3 (no decoder) on MobileNetV2; options of ``deeplab_mobilenet``."""
+    return deeplab_mobilenet("deeplabv3", **options)
+
+
+# Builders by architecture name: what ``segvoc.checkpoints`` rebuilds a checkpoint's network with.
 ARCHITECTURES: dict[str, Callable[..., DeepLab]] = {
     "deeplabv3plus": deeplabv3plus_mobilenet,
     "deeplabv3": deeplabv3_mobilenet,
