@@ -15,14 +15,15 @@ from pathlib import Path
 from rich.console import Console
 
 from segvoc.bench.runner import Bench
-from segvoc.bench.sections import SECTIONS, run
+from segvoc.bench.sections import ALL_SECTIONS, SECTIONS, run
 from segvoc.bench.workloads import PRECISIONS
 from segvoc.cli import command_parser, run_command
 
 DESCRIPTION = """\
 Throughput and memory benchmarks, each through the code path that training, validation or prediction really runs:
 data (decode + train augmentation), train (Lightning and a plain PyTorch loop over a grid of precision,
-channels_last and torch.compile), val, predict, flops, and the peak host and device memory. Every figure names its
+channels_last and torch.compile), val, predict, flops, deploy (batch-1 CPU latency of PyTorch fp32, bf16 +
+channels_last, ONNX Runtime fp32 and int8), and the peak host and device memory. Every figure names its
 device. Without --data-root the images are generated; with --json the file is rewritten after every figure.
 BENCHMARKS.md says what each figure times and how to read it."""
 
@@ -31,6 +32,7 @@ EXAMPLES = (
     "python -m segvoc.bench --device cuda --batch-size 16 --json bench_gpu.json",
     "python -m segvoc.bench --sections data,train --precision bf16-mixed --channels-last on --compile off",
     "python -m segvoc.bench --data-root data",
+    "python -m segvoc.bench --sections deploy --device cpu --json deploy.json",
     "python -m segvoc.bench trainer.benchmark=true",
 )
 
@@ -58,10 +60,10 @@ def image_size(text: str) -> tuple[int, int]:
 def sections(text: str) -> list[str]:
     """A comma-separated list of section names, in the bench's order."""
     chosen = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = sorted(set(chosen) - set(SECTIONS))
+    unknown = sorted(set(chosen) - set(ALL_SECTIONS))
     if unknown or not chosen:
-        raise argparse.ArgumentTypeError(f"unknown sections {unknown}; choose from {','.join(SECTIONS)}")
-    return [s for s in SECTIONS if s in chosen]
+        raise argparse.ArgumentTypeError(f"unknown sections {unknown}; choose from {','.join(ALL_SECTIONS)}")
+    return [s for s in ALL_SECTIONS if s in chosen]
 
 
 def positive(text: str) -> int:
@@ -102,7 +104,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=(500, 375),
         help="WIDTHxHEIGHT of the generated landscape images; every other one is portrait (HEIGHTxWIDTH)",
     )
-    parser.add_argument("--sections", type=sections, default=list(SECTIONS), help=",".join(SECTIONS))
+    parser.add_argument(
+        "--sections",
+        type=sections,
+        default=list(SECTIONS),
+        help=f"{','.join(ALL_SECTIONS)} (default: all but deploy)",
+    )
     parser.add_argument(
         "--precision",
         action="append",

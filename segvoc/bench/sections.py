@@ -1,7 +1,8 @@
-"""The bench's sections, one function each: ``data``, ``train``, ``val``, ``predict``, ``flops`` (``SECTIONS``, in the
-order they run). Each times the code path that training, validation or prediction really runs, on the ``Bench``'s
-data and config, and records its figures in the bench's report; a figure that fails is recorded with its error and
-the section goes on. What a figure times and how to read it: BENCHMARKS.md."""
+"""The bench's sections, one function each, in the order they run (``ALL_SECTIONS``): ``data``, ``train``, ``val``,
+``predict``, ``flops`` (``SECTIONS``, the default ones) and ``deploy`` (``segvoc.bench.deploy``, when asked for).
+Each times the code path that training, validation or prediction really runs, on the ``Bench``'s data and config,
+and records its figures in the bench's report; a figure that fails is recorded with its error and the section goes
+on. What a figure times and how to read it: BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+from segvoc.bench.deploy import measure_deploy
 from segvoc.bench.report import Measurement, children_peak_mib
 from segvoc.bench.workloads import (
     BatchClock,
@@ -348,6 +350,9 @@ SECTIONS: dict[str, Callable[[Bench], None]] = {
     "predict": measure_predict,
     "flops": measure_flops,
 }
+# every section --sections accepts, in the order they run: the default ones, then deploy (export, int8 quantisation
+# and latency: minutes on a CPU, so it runs when asked for, `--sections deploy`)
+ALL_SECTIONS: dict[str, Callable[[Bench], None]] = {**SECTIONS, "deploy": measure_deploy}
 
 
 def run(bench: Bench, sections: Sequence[str]) -> None:
@@ -357,7 +362,7 @@ def run(bench: Bench, sections: Sequence[str]) -> None:
         bench.console.rule(section)
         start = time.perf_counter()
         try:
-            SECTIONS[section](bench)
+            ALL_SECTIONS[section](bench)
         except Exception as exc:  # noqa: BLE001 - a broken section set-up must not lose the other sections
             log.exception("section %s failed", section)
             bench.report.fail(section, "set-up", exc)

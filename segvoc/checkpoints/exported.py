@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import warnings
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from segvoc.checkpoints.format import META_KEY
 from segvoc.errors import SegvocError
@@ -63,22 +65,31 @@ def _import_onnxruntime() -> Any:
     return onnxruntime
 
 
-class OnnxNet:
-    """An exported ONNX model behind the torch net's interface: ``net(images) -> logits`` and ``net.meta``.
+class OnnxNet(nn.Module):
+    """An exported ONNX model (fp32 or int8) behind the torch net's interface: ``net(images) -> logits`` and
+    ``net.meta``.
 
-    Runs on onnxruntime's CUDA provider when it is available, else on the CPU. Takes and returns torch tensors;
-    the logits come back on the device of the images (through host memory), without gradients.
+    An ``nn.Module`` without parameters, so it can stand where a network does (the Lightning module of
+    ``train=false``): moving it or changing its memory format does nothing. Runs on onnxruntime's CUDA provider
+    when it is available and ``device`` is not ``"cpu"``, else on the CPU, with ``threads`` intra-op threads
+    (``None``: onnxruntime's default, one per core). Takes and returns torch tensors; the logits come back on the
+    device of the images (through host memory), without gradients.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, device: str | None = None) -> None:
+        super().__init__()
         ort = _import_onnxruntime()
         self.path = Path(path)
         if not self.path.is_file():
             raise SegvocError(f"The ONNX model {self.path} does not exist; export one with `python -m segvoc.export`.")
         available = ort.get_available_providers()
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        wanted = ("CPUExecutionProvider",) if device == "cpu" else ("CUDAExecutionProvider", "CPUExecutionProvider")
+        providers = [p for p in wanted if p in available]
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
         try:
-            self.session = ort.InferenceSession(str(self.path), providers=providers)
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own error types for unreadable models
             raise SegvocError(
                 f"onnxruntime cannot load {self.path} ({exc}); the file is truncated or not ONNX."
@@ -91,14 +102,25 @@ class OnnxNet:
             )
         self.meta: dict[str, Any] = json.loads(raw)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, C, H, W)`` for normalised images ``(N, 3, H, W)``."""
         array = images.detach().to("cpu", torch.float32).contiguous().numpy()
         (logits,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: array})
         return torch.from_numpy(logits).to(images.device)
 
-    def __repr__(self) -> str:
-        return f"OnnxNet({str(self.path)!r}, providers={self.session.get_providers()})"
+    def extra_repr(self) -> str:
+        return f"{str(self.path)!r}, providers={self.session.get_providers()}"
+
+
+def is_exported(path: str | Path) -> bool:
+    """Whether ``path`` is an exported model (ONNX by its suffix, or a TorchScript archive) rather than a checkpoint."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        return True
+    if not (path.is_file() and zipfile.is_zipfile(path)):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
 
 
 def load_exported(path: str | Path) -> tuple[Net, dict[str, Any]]:

@@ -1,6 +1,7 @@
 """Export a segvoc checkpoint to ONNX or TorchScript and check the file against PyTorch.
 
-``python -m segvoc.export ckpt=<file> [format=onnx|torchscript] [output=<file>] [opset=18] [check_images=<path>]``
+``python -m segvoc.export ckpt=<file> [format=onnx|torchscript] [output=<file>] [opset=18] [check_images=<path>]
+[quantize=int8 data.root=<data>]``
 
 Both formats take normalised images ``images`` float32 ``(N, 3, H, W)`` and return ``logits`` ``(N, C, H, W)`` at
 the input size, with batch, height and width free. Both carry the checkpoint's meta
@@ -182,14 +183,23 @@ def output_path(cfg: DictConfig) -> Path:
     return path
 
 
-def run(cfg: DictConfig) -> Parity:
+def run(cfg: DictConfig) -> Parity | None:
     """Export ``cfg.ckpt`` as ``cfg.format``, reload the file and check it against PyTorch; return the parity.
 
     Raises ``SegvocError`` when fewer than ``cfg.min_agreement`` of the argmax pixels agree; the file stays
-    on disk for inspection.
+    on disk for inspection. With ``quantize=int8`` the fp32 ONNX file (exported here, or ``ckpt`` itself when it is
+    an ``.onnx``: then there is no parity to return) is quantised and gated (``quantize_and_gate``).
     """
     if OmegaConf.is_missing(cfg, "ckpt"):
         raise SegvocError("Name the checkpoint to export: `python -m segvoc.export ckpt=path/to/model.ckpt`.")
+    quantize = cfg.get("quantize")
+    if quantize not in (None, "int8"):
+        raise SegvocError(f"quantize={quantize} is not supported; use quantize=int8, or leave it out (null).")
+    if quantize and cfg.format != "onnx":
+        raise SegvocError("quantize=int8 quantises an ONNX model; use format=onnx (the default).")
+    if quantize and Path(str(cfg.ckpt)).suffix == ".onnx":
+        quantize_and_gate(cfg, Path(str(cfg.ckpt)), None)
+        return None
     path = output_path(cfg)
     net, meta = load_model(cfg.ckpt)
     if cfg.format == "onnx":
@@ -226,7 +236,95 @@ def run(cfg: DictConfig) -> Parity:
             f"pixels (min_agreement={cfg.min_agreement}); max |logit diff| {parity.max_abs_diff:.3g}. Do not use the "
             "file: try another opset= or format=, and report it with your torch and onnxruntime versions."
         )
+    if quantize or cfg.gate.score:
+        quantize_and_gate(cfg, path, net)
     return parity
+
+
+def int8_path(cfg: DictConfig, fp32: Path) -> Path:
+    """Where the int8 model goes: ``cfg.int8_output``, or the fp32 file's path with the suffix ``.int8.onnx``."""
+    path = Path(str(cfg.int8_output)) if cfg.get("int8_output") else fp32.with_suffix(".int8.onnx")
+    if path.resolve() == fp32.resolve():
+        raise SegvocError(f"The int8 model would overwrite the fp32 model {fp32}; give another file with int8_output=.")
+    return path
+
+
+def quantize_and_gate(cfg: DictConfig, fp32: Path, net: Net | None) -> dict[str, Any]:
+    """Quantise the fp32 ONNX model ``fp32`` to int8 (when ``cfg.quantize``) and score PyTorch (``net``, when
+    given), fp32 and int8 on ``data.val_split``; log the table and return the scores by name.
+
+    The int8 file is written as ``<int8 path>.pending`` and renamed to its path only when it loses at most
+    ``gate.max_miou_drop`` mIoU points against fp32; otherwise it becomes ``<int8 path>.rejected`` (for
+    inspection) and ``SegvocError`` says by how much it failed and what to try.
+    """
+    from segvoc.checkpoints.exported import OnnxNet
+    from segvoc.tasks.quantize import calibration_images, gate_table, quantize_int8, score_models
+
+    fp32_net = OnnxNet(fp32)
+    meta = fp32_net.meta
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.check_data([datamodule.train_split, datamodule.val_split] if cfg.quantize else [datamodule.val_split])
+    datamodule.setup("validate")
+    if len(meta["class_names"]) != datamodule.num_classes:
+        raise SegvocError(
+            f"{fp32} predicts {len(meta['class_names'])} classes but data.num_classes={datamodule.num_classes}; "
+            "score it on the data it was trained for (data.* as in training)."
+        )
+    nets: dict[str, Net] = {"pytorch": net} if net is not None else {}
+    nets["fp32"] = fp32_net
+    sizes: dict[str, int | None] = {"pytorch": Path(str(cfg.ckpt)).stat().st_size, "fp32": fp32.stat().st_size}
+    final = pending = None
+    if cfg.quantize:
+        final = int8_path(cfg, fp32)
+        pending = final.with_name(final.name + ".pending")
+        calib = cfg.calibration
+        start = time.perf_counter()
+        images = calibration_images(
+            datamodule.voc, datamodule.train_split, int(calib.num_images), meta["mean"], meta["std"],
+            seed=int(cfg.seed), mask_dir=datamodule.mask_dir,
+        )  # fmt: skip
+        quantize_int8(
+            fp32, pending, images, method=str(calib.method), exclude=list(calib.exclude),
+            percentile=float(calib.percentile), per_channel=bool(calib.per_channel),
+        )  # fmt: skip
+        log.info(
+            "Quantised %s to int8 (%s calibration on %d %s images, fp32 modules: %s) in %.1f s",
+            fp32, calib.method, len(images), datamodule.train_split, list(calib.exclude) or "none",
+            time.perf_counter() - start,
+        )  # fmt: skip
+        nets["int8"] = OnnxNet(pending)
+        sizes["int8"] = pending.stat().st_size
+    start = time.perf_counter()
+    scores = score_models(
+        nets, datamodule.val_set, datamodule.num_classes, meta["mean"], meta["std"],
+        ignore_index=datamodule.ignore_index, max_images=cfg.gate.max_images,
+    )  # fmt: skip
+    log.info(
+        "Scores on %d %s images (%.1f s):\n%s",
+        len(datamodule.val_set) if cfg.gate.max_images is None else min(len(datamodule.val_set), cfg.gate.max_images),
+        datamodule.val_split, time.perf_counter() - start, gate_table(scores, sizes, reference="fp32"),
+    )  # fmt: skip
+    if pending is None or final is None:
+        return scores
+    drop = 100 * (scores["fp32"].miou - scores["int8"].miou)
+    if drop > float(cfg.gate.max_miou_drop):
+        rejected = final.with_name(final.name + ".rejected")
+        pending.replace(rejected)
+        raise SegvocError(
+            f"The int8 model loses {drop:.2f} mIoU points against fp32 on {datamodule.val_split} "
+            f"({100 * scores['int8'].miou:.2f} vs {100 * scores['fp32'].miou:.2f}), more than "
+            f"gate.max_miou_drop={cfg.gate.max_miou_drop}; it was not written to {final} (kept as {rejected} for "
+            "inspection). Try more calibration images (calibration.num_images=), another calibration.method= "
+            "(minmax, entropy, percentile) or keep more modules fp32 (calibration.exclude=[...]); or deploy the "
+            f"fp32 model {fp32}."
+        )
+    pending.replace(final)
+    log.info(
+        "int8 model written to %s (mIoU %+.2f points against fp32; gate.max_miou_drop=%s)",
+        final, -drop, cfg.gate.max_miou_drop,
+    )  # fmt: skip
+    return scores
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="export")
