@@ -57,6 +57,9 @@ def sweep(tmp_path: Path) -> Path:
         "[2025-01-01 10:00:09,000][segvoc.tasks.sweep][ERROR] - The summary so far: ...\n"
     )
     fake_job(sweep, 10, ["optimizer.lr=0.001", *common])
+    # what the basic sweeper records before it launches: the command line's overrides, the swept one among them
+    multirun = {"hydra": {"overrides": {"task": ["optimizer.lr=0.01,0.005,0.5,0.001", *common]}}}
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump(multirun))
     return sweep
 
 
@@ -66,6 +69,7 @@ def test_summary_ranks_jobs_and_lists_failed_ones(sweep: Path) -> None:
     assert [job.status for job in results.jobs] == ["ok", "ok", "failed", "failed"]
     best = results.jobs[0]
     assert (best.best_score, best.global_step, best.best_checkpoint) == (0.72, 38, "/runs/ckpt-0.72.ckpt")
+    assert [job.name for job in results.jobs] == ["lr=0.005", "lr=0.01", "lr=0.5", "lr=0.001"]  # as in TensorBoard
     assert best.overrides == ["optimizer.lr=0.005", "experiment=demo", "trainer.max_steps=40"]
     assert results.jobs[2].error == "RuntimeError: CUDA out of memory"
     assert results.jobs[3].error == NO_RESULT
@@ -78,11 +82,11 @@ def test_summary_files(sweep: Path) -> None:
     assert [p.name for p in paths] == ["summary.csv", "summary.json", "summary.md"]
 
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
-    assert [(r["job"], r["status"], r["best_score"], r["global_step"]) for r in rows] == [
-        ("1", "ok", "0.72", "38"),
-        ("0", "ok", "0.61", "40"),
-        ("2", "failed", "", ""),
-        ("10", "failed", "", ""),
+    assert [(r["job"], r["name"], r["status"], r["best_score"], r["global_step"]) for r in rows] == [
+        ("1", "lr=0.005", "ok", "0.72", "38"),
+        ("0", "lr=0.01", "ok", "0.61", "40"),
+        ("2", "lr=0.5", "failed", "", ""),
+        ("10", "lr=0.001", "failed", "", ""),
     ]
     assert rows[0]["overrides"] == "optimizer.lr=0.005 experiment=demo trainer.max_steps=40"
     assert rows[2]["error"] == "RuntimeError: CUDA out of memory"
@@ -93,7 +97,7 @@ def test_summary_files(sweep: Path) -> None:
     assert summary["jobs"][0]["dir"] == str(sweep / "1")
 
     markdown = (sweep / "summary.md").read_text()
-    assert "| 1 | ok | optimizer.lr=0.005 | 0.7200 | 38 | /runs/ckpt-0.72.ckpt |" in markdown
+    assert "| 1 | lr=0.005 | ok | 0.7200 | 38 | /runs/ckpt-0.72.ckpt |" in markdown
     assert "Job 2 failed: RuntimeError: CUDA out of memory" in markdown
     assert not list(sweep.glob(".*.tmp"))
 
@@ -111,7 +115,7 @@ def test_damaged_result_and_evaluation_jobs(tmp_path: Path) -> None:
     # a train=false job of checkpoint <run>/checkpoints/best.ckpt records its config in .hydra/resume-<time>
     evaluation = {"mean_iou": 0.8, "overall_acc": 0.9, "checkpoint": "best.ckpt", "classes": []}
     job = fake_job(tmp_path, 1, ["a=2", "train=false"], record=".hydra/resume-2025-01-01_10-00-00")
-    (job / "eval.json").write_text(json.dumps(evaluation))
+    (job / "eval-whole.json").write_text(json.dumps(evaluation))
     jobs = summarize(tmp_path).jobs
     assert [(j.job, j.status, j.best_score) for j in jobs] == [("1", "ok", 0.8), ("0", "failed", None)]
     assert jobs[0].overrides == ["a=2", "train=false"] and jobs[0].best_checkpoint == "best.ckpt"
@@ -121,7 +125,7 @@ def test_damaged_result_and_evaluation_jobs(tmp_path: Path) -> None:
 def test_command_line(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(sweep)]) == 0
     out = capsys.readouterr().out
-    assert "optimizer.lr=0.005" in out and "0.7200" in out and "Job 10 failed" in out
+    assert "lr=0.005" in out and "0.7200" in out and "Job 10 failed" in out
     assert (sweep / "summary.csv").is_file()
 
     (tmp_path / "empty").mkdir()
@@ -190,10 +194,13 @@ def check_sweep(sweep: Path, output: str, n_jobs: int) -> list[dict]:
         assert entry["status"] == "ok" and 0.0 <= entry["best_score"] <= 1.0 and entry["global_step"] == 2
         assert Path(entry["best_checkpoint"]).is_file()
         assert entry["overrides"] == yaml.safe_load((sweep / entry["job"] / ".hydra" / "overrides.yaml").read_text())
-        # the table printed at the end: one line per job with its learning rate and its score
-        lr = next(o for o in entry["overrides"] if o.startswith("optimizer.lr="))
+        # the table printed at the end: one line per job with its name (its learning rate) and its score
+        lr = next(o for o in entry["overrides"] if o.startswith("optimizer.lr=")).removeprefix("optimizer.")
         score = f"{entry['best_score']:.4f}"
-        assert any(lr in line and score in line for line in output.splitlines()), output[-3000:]
+        assert lr in entry["name"].split(","), entry["name"]
+        assert any(entry["name"] in line and score in line for line in output.splitlines()), output[-3000:]
+        # TensorBoard lists the job under the same name: <job>/tensorboard/<name>
+        assert list((sweep / entry["job"] / "tensorboard" / entry["name"]).glob("events.out.tfevents.*"))
     assert "best val/mIoU" in output and "Sweep summary written to" in output
     return summary["jobs"]
 

@@ -1,23 +1,30 @@
-"""Sweep summaries: one row per job of a multirun (its overrides, best score, final step, best checkpoint), printed as
-a table, best first, and written to ``<sweep dir>/summary.csv``, ``summary.json`` and ``summary.md``.
+"""Sweep summaries: one row per job of a multirun (its name, overrides, best score, final step, best checkpoint),
+printed as a table, best first, and written to ``<sweep dir>/summary.csv``, ``summary.json`` and ``summary.md``. A
+job's name is the one its TensorBoard run has (``segvoc.training.hparams.run_name``: the overrides that vary).
 
 ``SweepSummary`` is the Hydra callback that does it at the end of ``python train.py -m ...`` (registered in
 ``conf/hydra/default.yaml``); ``python -m segvoc.sweep <sweep dir>`` does it again for a finished, interrupted or
 still running sweep. Everything is read from disk: each job's ``.hydra/overrides.yaml`` and the ``result.json``
-that training writes when it ends (``eval.json`` for ``train=false`` jobs). A job without either is listed as
-failed, with the last error of its log when there is one.
+that training writes when it ends (``eval-<protocol>.json`` for ``train=false`` jobs), so jobs that run at once (the
+joblib and submitit launchers) and finish in any order are summarised alike. A job without either is listed as failed,
+with the last error of its log when there is one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import logging
+import os
 import re
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
@@ -29,12 +36,14 @@ from rich.table import Table
 from segvoc.cli import command, command_parser, run_command
 from segvoc.errors import SegvocError
 from segvoc.files import atomic_write_text
+from segvoc.training.hparams import run_name, swept_keys
 
 log = logging.getLogger(__name__)
 
 SUMMARY_FILES = ("summary.csv", "summary.json", "summary.md")
 NO_RESULT = "no result.json: the job failed, was killed, or is still running"
-CSV_FIELDS = ("job", "status", "overrides", "monitor", "best_score", "global_step", "best_checkpoint", "error", "dir")
+CSV_FIELDS = ("job", "name", "status", "overrides", "monitor", "best_score", "global_step", "best_checkpoint", "error",
+              "dir")  # fmt: skip
 
 
 @dataclass
@@ -45,6 +54,7 @@ class JobSummary:
     status: str
     overrides: list[str]
     dir: str
+    name: str = ""  # the overrides that vary across the sweep, as TensorBoard shows the job (segvoc.training.hparams)
     monitor: str | None = None
     best_score: float | None = None
     global_step: int | None = None
@@ -82,6 +92,8 @@ def summarize(sweep_dir: str | Path) -> SweepResults:
     records = {p.parent for p in sweep_dir.glob("**/.hydra") if _hydra_record(p.parent, "overrides.yaml")}
     job_dirs = sorted(records, key=_natural_key)
     jobs = [_read_job(sweep_dir, job_dir) for job_dir in job_dirs]
+    for job, job_dir in zip(jobs, job_dirs, strict=True):
+        job.name = run_name(job.overrides, swept_keys(sweep_dir, _sweeper_params(job_dir)))
     monitor = next((job.monitor for job in jobs if job.monitor), None)
     mode = next((m for job_dir in job_dirs if (m := _monitor_mode(job_dir, monitor))), "max")
     sign = -1.0 if mode == "max" else 1.0
@@ -157,7 +169,9 @@ class SweepSummary(Callback):
             exc = job_return._return_value  # the exception; the public accessor re-raises it
             log.error("%s: %s", type(exc).__name__, str(exc).strip().replace("\n", " "))
             log.error("The summary so far: python -m segvoc.sweep %s", sweep_dir)
-        write_summary(summarize(sweep_dir))
+        # jobs of the joblib and submitit launchers end in their own processes, at any time: one writer at a time
+        with _summary_lock(Path(sweep_dir)):
+            write_summary(summarize(sweep_dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         results = summarize(str(config.hydra.sweep.dir))
@@ -165,6 +179,63 @@ class SweepSummary(Callback):
         print_summary(results)
         if paths:
             log.info("Sweep summary written to %s", ", ".join(str(p) for p in paths))
+
+
+class GpuPerJob(Callback):
+    """Hydra callback that gives each process running jobs of a multirun a GPU of its own, for launchers that run
+    several jobs at once on one machine (``hydra/launcher=joblib_gpus``).
+
+    Before its first job a process claims the first free GPU of ``gpus`` (default: every GPU this machine shows) by
+    locking ``<sweep dir>/.gpus/<gpu>.lock``, waiting while all are taken, and sets ``CUDA_VISIBLE_DEVICES`` to it
+    before anything touches CUDA. It keeps that GPU for its later jobs (CUDA, once started, cannot change device)
+    until it exits, when the system drops the lock. Start at most one job per GPU at once
+    (``hydra.launcher.n_jobs``). Single runs, and machines without a GPU (``gpus`` empty), are left alone.
+    """
+
+    def __init__(self, gpus: list[int | str] | None = None, poll_s: float = 1.0) -> None:
+        self.gpus = gpus
+        self.poll_s = poll_s
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _claimed_gpu
+        if OmegaConf.select(config, "hydra.mode") != RunMode.MULTIRUN:
+            return
+        if _claimed_gpu is not None:
+            log.info("Job %s runs on GPU %s", config.hydra.job.num, _claimed_gpu[0])
+            return
+        gpus = [str(g) for g in (self.gpus if self.gpus is not None else _machine_gpus())]
+        if not gpus:
+            return
+        folder = Path(str(config.hydra.sweep.dir)) / ".gpus"
+        folder.mkdir(parents=True, exist_ok=True)
+        while _claimed_gpu is None:
+            for gpu in gpus:
+                lock = open(folder / f"{gpu}.lock", "a")  # noqa: SIM115 (held until the process exits)
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    lock.close()
+                    continue
+                _claimed_gpu = (gpu, lock)
+                break
+            else:
+                time.sleep(self.poll_s)
+        os.environ["CUDA_VISIBLE_DEVICES"] = _claimed_gpu[0]
+        log.info("Job %s runs on GPU %s (CUDA_VISIBLE_DEVICES)", config.hydra.job.num, _claimed_gpu[0])
+
+
+_claimed_gpu: tuple[str, IO[str]] | None = None  # this process's GPU and the open file that holds its lock
+
+
+def _machine_gpus() -> list[str]:
+    """The GPUs this process may use: ``CUDA_VISIBLE_DEVICES`` when set, otherwise every GPU PyTorch counts
+    (counting does not start CUDA)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g.strip() for g in visible.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
 
 
 @command
@@ -196,14 +267,15 @@ def _read_job(sweep_dir: Path, job_dir: Path) -> JobSummary:
     overrides = [str(o) for o in OmegaConf.to_container(OmegaConf.load(_hydra_record(job_dir, "overrides.yaml")))]
     job = JobSummary(job=job_dir.relative_to(sweep_dir).as_posix(), status="ok", overrides=overrides, dir=str(job_dir))
     try:
-        if (job_dir / "result.json").is_file():
-            result = json.loads((job_dir / "result.json").read_text())
+        result = json.loads((job_dir / "result.json").read_text()) if (job_dir / "result.json").is_file() else {}
+        if "metrics" in result:  # a training job (an evaluation job's result.json lists only its evaluations)
             job.monitor, job.best_checkpoint = result.get("monitor"), result.get("best_checkpoint")
             job.best_score, job.global_step = _number(result.get("best_score")), result.get("global_step")
             job.metrics = result.get("metrics") or {}
             return job
-        if (job_dir / "eval.json").is_file():  # python train.py -m train=false ckpt_path=... (an evaluation sweep)
-            report = json.loads((job_dir / "eval.json").read_text())
+        evaluations = sorted(job_dir.glob("eval-*.json"), key=lambda path: path.stat().st_mtime)
+        if evaluations:  # python train.py -m train=false ckpt_path=... (an evaluation sweep): the latest protocol
+            report = json.loads(evaluations[-1].read_text())
             job.monitor, job.best_checkpoint = "val/mIoU", report.get("checkpoint")
             job.best_score = _number(report.get("mean_iou"))
             job.metrics = {k: report[k] for k in ("overall_acc", "mean_acc", "freqw_acc", "mean_iou") if k in report}
@@ -247,6 +319,27 @@ def _monitor_mode(job_dir: Path, monitor: str | None) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _summary_lock(sweep_dir: Path) -> Iterator[None]:
+    """Hold ``<sweep dir>/.summary.lock`` (an advisory lock that the system drops if the holder dies)."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with open(sweep_dir / ".summary.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _sweeper_params(job_dir: Path) -> Any:
+    """``hydra.sweeper.params`` of the job's recorded Hydra config (an Optuna search space), or ``None``."""
+    record = _hydra_record(job_dir, "hydra.yaml")
+    try:
+        return OmegaConf.select(OmegaConf.load(record), "hydra.sweeper.params") if record else None
+    except (OSError, ValueError):
+        return None
+
+
 def _hydra_record(job_dir: Path, name: str) -> Path | None:
     """``<job>/.hydra/<name>``, or the latest ``<job>/.hydra/resume-<time>/<name>`` when the job resumed from a
     checkpoint (Hydra then records its config there, see conf/hydra/default.yaml)."""
@@ -262,12 +355,11 @@ def _natural_key(path: Path) -> list[Any]:
 
 
 def _headers(results: SweepResults) -> list[str]:
-    return ["job", "status", "overrides", f"best {results.monitor or 'score'}", "step", "best checkpoint"]
+    return ["job", "run", "status", f"best {results.monitor or 'score'}", "step", "best checkpoint"]
 
 
 def _cells(results: SweepResults) -> list[list[str]]:
-    """Table cells: overrides shared by all jobs left out, checkpoints relative to the sweep folder when inside."""
-    common = set(results.common_overrides())
+    """Table cells: the run names (as TensorBoard shows them), checkpoints relative to the sweep folder when inside."""
     sweep_dir = Path(results.sweep_dir).resolve()
     rows = []
     for job in results.jobs:
@@ -276,8 +368,8 @@ def _cells(results: SweepResults) -> list[list[str]]:
             checkpoint = str(Path(checkpoint).relative_to(sweep_dir))
         rows.append([
             job.job,
+            job.name,
             job.status,
-            " ".join(o for o in job.overrides if o not in common),
             "" if job.best_score is None else f"{job.best_score:.4f}",
             "" if job.global_step is None else str(job.global_step),
             checkpoint,
