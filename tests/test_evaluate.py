@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from segvoc.checkpoints.load import load_model
@@ -45,6 +47,20 @@ def trained(voc_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run / "checkpoints" / "best.ckpt"
 
 
+def val_ids(voc_root: Path) -> list[str]:
+    return (voc_root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+
+
+def direct_prediction(ckpt: Path, voc_root: Path, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """(truth, prediction) of one val image, computed by hand."""
+    net, _ = load_model(ckpt)
+    dataset = VOCSegmentation(voc_root / "VOCdevkit" / "VOC2012", "val", val_transform())
+    image, mask = dataset[dataset.ids.index(image_id)]
+    with torch.no_grad():
+        pred = net(normalize(image[None], IMAGENET_MEAN, IMAGENET_STD)).argmax(1)[0].numpy()
+    return mask.numpy().astype(np.int64), pred
+
+
 def direct_confusion(ckpt: Path, voc_root: Path) -> np.ndarray:
     net, _ = load_model(ckpt)
     dataset = VOCSegmentation(voc_root / "VOCdevkit" / "VOC2012", "val", val_transform())
@@ -68,11 +84,39 @@ def test_evaluation_equals_a_direct_computation(trained: Path, voc_root: Path, m
     assert report["mean_iou"] == pytest.approx(iou.mean(), abs=1e-6)
     assert report["overall_acc"] == pytest.approx(tp.sum() / confmat.sum(), abs=1e-6)
     assert [c["pixels"] for c in report["classes"]] == gt.tolist()
-    saved = json.loads((Path(cfg.output_dir) / "eval.json").read_text())
+    run = Path(cfg.output_dir)
+    saved = json.loads((run / "eval-whole.json").read_text())
     assert saved["mean_iou"] == pytest.approx(report["mean_iou"])
     assert len(saved["classes"]) == 21 and saved["classes"][0]["name"] == "background"
-    panels = sorted((Path(cfg.output_dir) / "val_results").glob("*.png"))
-    assert len(panels) == 4  # one per val image: image | truth | prediction | overlay
+    # the whole split's matrix, rows true and columns predicted: every non-ignored val pixel once
+    assert saved["confusion_matrix"] == confmat.tolist()
+    val_masks = [np.array(Image.open(p)) for p in sorted((voc_root / "VOCdevkit/VOC2012/SegmentationClass").glob("*"))
+                 if p.stem in val_ids(voc_root)]  # fmt: skip
+    assert np.sum(saved["confusion_matrix"]) == sum(int((m != 255).sum()) for m in val_masks)
+    top = saved["top_confusions"][0]
+    off = confmat - np.diag(np.diag(confmat))
+    assert top["pixels"] == off.max() and top["true"] == report["classes"][off.argmax() // 21]["name"]
+    assert json.loads((run / "result.json").read_text())["evaluations"]["whole"]["file"] == "eval-whole.json"
+    # one panel per val image, named by image id: image | truth | prediction | overlay
+    assert sorted(p.stem for p in (run / "val_results").glob("*.png")) == sorted(val_ids(voc_root))
+
+    # the per-image report: one row per image, worst first, each as computed from that image alone
+    rows = list(csv.DictReader((run / "per_image-whole.csv").open()))
+    assert sorted(row["id"] for row in rows) == sorted(val_ids(voc_root))
+    assert [float(row["mIoU"]) for row in rows] == sorted(float(row["mIoU"]) for row in rows)
+    for row in rows:
+        truth, pred = direct_prediction(trained, voc_root, row["id"])
+        valid = truth != 255
+        assert (int(row["height"]), int(row["width"])) == truth.shape and int(row["pixels"]) == valid.sum()
+        assert float(row["pixel_acc"]) == pytest.approx((truth == pred)[valid].mean(), abs=1e-4)
+        ious = [((truth == c) & (pred == c)).sum() / ((truth == c) | (pred == c))[valid].sum() for c in
+                np.unique(truth[valid])]  # fmt: skip
+        assert float(row["mIoU"]) == pytest.approx(np.mean(ious), abs=1e-4)
+        for c in range(21):
+            assert (row[f"iou/{report['classes'][c]['name']}"] != "") == (c in truth[valid])
+    worst = sorted((run / "worst-whole").glob("*.png"))
+    assert [p.name for p in worst] == [f"{i:02d}_{row['id']}.png" for i, row in enumerate(rows, start=1)]
+    assert Image.open(worst[0]).height >= 256  # image | truth | prediction | errors, readable, with a legend
 
 
 def test_tensorboard_gets_sample_panels_and_confusion_matrix(trained: Path) -> None:
@@ -80,6 +124,11 @@ def test_tensorboard_gets_sample_panels_and_confusion_matrix(trained: Path) -> N
     acc.Reload()
     images = acc.Tags()["images"]
     assert "val/confusion_matrix" in images and "val/sample_0" in images
+    # once per validation (2 of them), labelled and readable: 21 classes of 30 px plus the names; panels >= 256 px
+    confusion = acc.Images("val/confusion_matrix")
+    assert len(confusion) == 2 and confusion[-1].width == confusion[-1].height > 21 * 30
+    assert all(panel.height > 256 for panel in acc.Images("val/sample_0"))
+    assert not any(tag.startswith("worst/") for tag in images)  # the per-image report only when asked for
 
 
 def test_tta_and_crop_protocols_run(trained: Path, make_cfg) -> None:
@@ -89,8 +138,17 @@ def test_tta_and_crop_protocols_run(trained: Path, make_cfg) -> None:
         )
     )
     assert report["protocol"]["flip"] and 0.0 <= report["mean_iou"] <= 1.0
-    report = evaluate(make_cfg("train=false", f"ckpt_path={trained}", "data.crop_val=true", "data.crop_size=64"))
-    assert report["protocol"]["crop_val"]
+    crop = evaluate(make_cfg("train=false", f"ckpt_path={trained}", "data.crop_val=true", "data.crop_size=64"))
+    assert crop["protocol"]["crop_val"]
+    whole = evaluate(make_cfg("train=false", f"ckpt_path={trained}"))
+    # each protocol keeps its own result, listed in the run's result.json
+    run = Path(make_cfg().output_dir)
+    names = {"ms0.75-1.25-flip": report, "crop64": crop, "whole": whole}
+    listed = json.loads((run / "result.json").read_text())["evaluations"]
+    assert set(listed) == set(names)
+    for name, expected in names.items():
+        assert json.loads((run / f"eval-{name}.json").read_text())["mean_iou"] == expected["mean_iou"]
+        assert listed[name]["mean_iou"] == expected["mean_iou"] and (run / f"per_image-{name}.csv").is_file()
 
 
 def test_class_count_mismatch_is_a_clear_error(trained: Path, make_cfg) -> None:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from segvoc.metrics import SegmentationMetrics
+from segvoc.metrics import SegmentationMetrics, confusion_matrices, describe_confusion, image_scores, top_confusions
 
 
 def test_metrics_match_a_hand_computed_confusion_matrix() -> None:
@@ -60,3 +60,42 @@ def test_sync_free_update_equals_torchmetrics_confusion_matrix() -> None:
     reference = MulticlassConfusionMatrix(num_classes=5, ignore_index=255)
     reference.update(preds, target)
     assert torch.equal(ours.confmat, reference.compute())
+
+
+def test_per_image_confusion_matrices_add_up_to_the_split_matrix() -> None:
+    torch.manual_seed(0)
+    target = torch.randint(0, 4, (3, 5, 6))
+    target[0, 0] = 255  # ignored: counted nowhere
+    target[2] = 255  # an image without a labelled pixel
+    preds = torch.randint(0, 4, (3, 5, 6))
+    per_image = confusion_matrices(preds, target, 4)
+    for i in range(3):
+        whole = SegmentationMetrics(num_classes=4)
+        whole.update(preds[i : i + 1], target[i : i + 1])
+        assert torch.equal(per_image[i], whole.confmat)
+    assert per_image[2].sum() == 0 and per_image.sum() == (target != 255).sum()
+
+
+def test_image_scores_of_a_hand_made_image() -> None:
+    # truth 0,0,0,0 | 1,1,1 | ignored; predicted 0,0,0,1 | 0,0,2 | 1 (class 2 only predicted)
+    target = torch.tensor([[[0, 0, 0, 0, 1, 1, 1, 255]]])
+    preds = torch.tensor([[[0, 0, 0, 1, 0, 0, 2, 1]]])
+    scores = image_scores(confusion_matrices(preds, target, 3)[0])
+    assert scores["pixels"] == 7 and math.isclose(scores["acc"], 3 / 7)
+    # class 0: tp 3, truth 4, predicted 5 -> 3 / 6; class 1: tp 0 -> 0; class 2 is not in the truth: not averaged
+    assert scores["iou"] == {0: 0.5, 1: 0.0} and math.isclose(scores["mIoU"], 0.25)
+    assert scores["confusion"] == (1, 0, 2)  # the largest wrong entry: 2 px of class 1 taken for class 0
+    right = image_scores(confusion_matrices(target, target, 3)[0])
+    assert right["confusion"] is None and right["mIoU"] == 1.0
+    assert math.isnan(image_scores(torch.zeros(3, 3, dtype=torch.long))["mIoU"])
+
+
+def test_top_confusions_and_their_wording() -> None:
+    confmat = torch.tensor([[900, 50, 0], [1_200_000, 2_670_000, 30_000], [0, 0, 10]])
+    rows = top_confusions(confmat, ["background", "chair", "sofa"], k=3)
+    assert [(r["true"], r["predicted"], r["pixels"]) for r in rows] == [
+        ("chair", "background", 1_200_000), ("chair", "sofa", 30_000), ("background", "chair", 50)
+    ]  # fmt: skip
+    assert describe_confusion(rows[0]) == "chair -> background: 1.2 M px, 31 % of chair"
+    assert describe_confusion(rows[1]) == "chair -> sofa: 30.0 k px, 1 % of chair"
+    assert len(top_confusions(torch.eye(3, dtype=torch.long), ["a", "b", "c"])) == 0  # nothing confused

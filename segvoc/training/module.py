@@ -1,24 +1,32 @@
-"""The LightningModule: loss, optimisation schedule, validation through the shared inference routine, logging."""
+"""The LightningModule: loss, optimisation schedule, validation through the shared inference routine, per-image
+diagnostics, logging, weight averaging."""
 
 from __future__ import annotations
 
+import csv
+import io
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from torch import nn
 
 from segvoc.checkpoints.format import META_KEY, describe
 from segvoc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
-from segvoc.metrics import SegmentationMetrics
+from segvoc.files import atomic_write_text
+from segvoc.losses import CrossEntropy
+from segvoc.metrics import SegmentationMetrics, confusion_matrices, image_scores
 from segvoc.models.inference import crop_to_sizes, infer
 from segvoc.palette import IGNORE_INDEX, class_palette, default_class_names
-from segvoc.visualize import confusion_image, denormalize, panel
+from segvoc.visualize import confusion_image, denormalize, diagnostic_panel, panel, present_classes, with_legend
+
+log = logging.getLogger(__name__)
 
 
 def logged_metric_names(class_names: Sequence[str]) -> list[str]:
@@ -30,7 +38,8 @@ def logged_metric_names(class_names: Sequence[str]) -> list[str]:
 
 
 class SegmentationModule(L.LightningModule):
-    """Trains a segmentation network with pixel-wise cross-entropy (``ignore_index`` pixels skipped).
+    """Trains a segmentation network with ``loss`` (a ``segvoc.losses`` module built from ``conf/loss``; None:
+    plain cross-entropy), the one loss of training, validation, evaluation and ``segvoc.bench``.
 
     ``optimizer`` and ``scheduler`` are partials (Hydra ``_partial_: true``) bound to the parameters here: the
     backbone gets ``lr * backbone_lr_mult``, the head ``lr``; the scheduler is stepped every iteration. Validation
@@ -38,13 +47,24 @@ class SegmentationModule(L.LightningModule):
     ``overlap``).
     Logged: ``train/loss``, ``train/mIoU``, ``lr``, ``val/loss``, ``val/mIoU``, ``val/acc``, ``val/mean_acc``,
     ``val/fw_iou``, ``val/iou/<class>``; to TensorBoard also the first ``num_val_images`` validation images as
-    image | ground truth | prediction | overlay, and the confusion matrix. With ``save_val_dir`` every validation
-    image's panel is written there as ``<index>.png``.
+    image | ground truth | prediction | overlay with a legend of the classes present, and the labelled confusion
+    matrix, once per validation. With ``save_val_dir`` every validation image's panel is written there as
+    ``<image id>.png``.
+
+    With ``report_dir`` (default: the folder above ``save_val_dir``) every validation also writes the per-image
+    report ``<report_dir>/per_image<report_tag>.csv`` (see ``write_per_image``) and the ``num_worst_images``
+    images of lowest per-image mIoU as image | truth | prediction | errors panels to
+    ``<report_dir>/worst<report_tag>/`` and TensorBoard (``worst/<rank>``).
+
+    ``ema``: ``{"decay": 0.9999, "start_step": 0, "device": None}`` keeps an exponential moving average of the
+    weights during ``fit`` (``segvoc.training.ema.EMA``, returned by ``configure_callbacks``); ``decay: null`` is
+    off. ``val_confmat`` holds the whole split's confusion matrix of the last validation.
     """
 
     def __init__(
         self,
         net: nn.Module,
+        loss: nn.Module | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         num_classes: int = 21,
@@ -57,10 +77,22 @@ class SegmentationModule(L.LightningModule):
         save_val_dir: str | None = None,
         channels_last: bool = False,
         compile: bool | dict[str, Any] = False,
+        ema: Mapping[str, Any] | None = None,
+        report_dir: str | None = None,
+        report_tag: str = "",
+        num_worst_images: int = 8,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "loss"])
         self.net = net
+        self.criterion = loss if loss is not None else CrossEntropy(ignore_index)
+        self.ema = {k: v for k, v in (ema or {}).items() if v is not None}
+        self.report_dir = Path(report_dir) if report_dir else (Path(save_val_dir).parent if save_val_dir else None)
+        self.report_tag = report_tag
+        self.num_worst_images = num_worst_images
+        self._per_image: list[dict[str, Any]] = []
+        self._worst: list[tuple[float, str, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.val_confmat: torch.Tensor | None = None
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.class_names = list(class_names) if class_names is not None else default_class_names(num_classes)
@@ -107,9 +139,19 @@ class SegmentationModule(L.LightningModule):
         return (images, masks.long(), *rest)
 
     def loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """The one loss of training, validation and ``segvoc.bench``'s plain loop: the mean pixel-wise
-        cross-entropy of ``logits`` (N, C, H, W) against int64 ``masks`` (N, H, W), ``ignore_index`` pixels skipped."""
-        return F.cross_entropy(logits, masks, ignore_index=self.ignore_index)
+        """The one loss of training, validation, evaluation and ``segvoc.bench``'s plain loop: the configured
+        ``segvoc.losses`` module applied to ``logits`` (N, C, H, W) and int64 ``masks`` (N, H, W), ``ignore_index``
+        pixels skipped."""
+        return self.criterion(logits, masks)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The EMA callback when ``ema.decay`` is set and the trainer fits (validation alone has nothing to average:
+        a checkpoint of an EMA run already holds the averaged weights)."""
+        if self.ema.get("decay") is None or self._trainer is None or self.trainer.state.fn != "fit":
+            return []
+        from segvoc.training.ema import EMA
+
+        return [EMA(**self.ema)]
 
     def _normalisation(self) -> tuple[Sequence[float], Sequence[float]]:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -135,6 +177,16 @@ class SegmentationModule(L.LightningModule):
         self.log("train/mIoU", self.train_metrics.compute()["mIoU"].float(), sync_dist=True, reduce_fx="max")
         self.train_metrics.reset()
 
+    def _val_ids(self, batch_idx: int, first: int, count: int) -> list[str]:
+        """The dataset ids of the images of validation batch ``batch_idx`` (the val dataset's ``ids``, in the order
+        of the data module's batch sampler); running numbers ``00000``... for a loader that does not tell."""
+        loader = self.trainer.val_dataloaders if self._trainer is not None else None
+        ids = getattr(getattr(loader, "dataset", None), "ids", None)
+        batches = getattr(getattr(loader, "batch_sampler", None), "batches", None)
+        if ids is not None and batches is not None and batch_idx < len(batches) and len(batches[batch_idx]) == count:
+            return [str(ids[i]) for i in batches[batch_idx]]
+        return [f"{first + k:05d}" for k in range(count)]
+
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor, list], batch_idx: int) -> None:
         images, masks, sizes = batch
         logits = infer(self.net, images, **self.inference)
@@ -142,23 +194,43 @@ class SegmentationModule(L.LightningModule):
         preds = logits.argmax(dim=1)
         self.val_metrics.update(preds, masks)
         first, self._val_seen = self._val_seen, self._val_seen + images.shape[0]
-        if self.save_val_dir is None and first >= self.num_val_images:
+        report = self.report_dir is not None and not self.trainer.sanity_checking
+        if not report and self.save_val_dir is None and first >= self.num_val_images:
             return
+        ids = self._val_ids(batch_idx, first, images.shape[0])
         mean, std = self._normalisation()
+        if report:  # one (C, C) matrix per image, one copy to the host per batch; padding is ignore_index: not counted
+            confmats = confusion_matrices(preds, masks, len(self.class_names), self.ignore_index).cpu()
         crops = zip(crop_to_sizes(images, sizes), crop_to_sizes(masks, sizes), crop_to_sizes(preds, sizes), strict=True)
         for offset, (image, mask, pred) in enumerate(crops):
-            picture = panel(
-                denormalize(image, mean, std), mask.cpu().numpy(), pred.cpu().numpy(), self.palette, self.ignore_index
-            )
-            if first + offset < self.num_val_images:
-                self._val_panels.append(picture)
+            index, name = first + offset, ids[offset]
+            show = index < self.num_val_images
+            rgb = truth = guess = None
+            if report:
+                scores = image_scores(confmats[offset])
+                self._per_image.append({"id": name, "size": tuple(sizes[offset]), **scores})
+                score = scores["mIoU"]
+                kept = self._worst  # sorted, best of the worst last
+                if score == score and (len(kept) < self.num_worst_images or (kept and score < kept[-1][0])):
+                    rgb, truth, guess = denormalize(image, mean, std), mask.cpu().numpy(), pred.cpu().numpy()
+                    self._worst.append((score, name, rgb, truth.astype(np.uint8), guess.astype(np.uint8)))
+                    self._worst.sort(key=lambda entry: (entry[0], entry[1]))
+                    del self._worst[self.num_worst_images :]
+            if not show and self.save_val_dir is None:
+                continue
+            if rgb is None:
+                rgb, truth, guess = denormalize(image, mean, std), mask.cpu().numpy(), pred.cpu().numpy()
+            picture = panel(rgb, truth, guess, self.palette, self.ignore_index)
+            if show:
+                classes = present_classes(truth, guess, num_classes=len(self.class_names))
+                self._val_panels.append(with_legend(picture, classes, self.class_names, self.palette))
             if self.save_val_dir is not None:
                 self.save_val_dir.mkdir(parents=True, exist_ok=True)
-                rank = f"rank{self.global_rank}_" if self.trainer.world_size > 1 else ""  # each process: its images
-                Image.fromarray(picture).save(self.save_val_dir / f"{rank}{first + offset:05d}.png")
+                Image.fromarray(picture).save(self.save_val_dir / f"{name}.png")
 
     def on_validation_epoch_start(self) -> None:
         self._val_seen = 0
+        self._per_image, self._worst = [], []
 
     def on_validation_epoch_end(self) -> None:
         scores = self.val_metrics.compute()  # of the whole split: the confusion matrix is summed across processes
@@ -166,6 +238,7 @@ class SegmentationModule(L.LightningModule):
             confmat = self.val_metrics.confmat.clone()
         self.val_metrics.reset()
         self.val_scores = scores
+        self.val_confmat = confmat.cpu()
         summary = {f"val/{key}": scores[key].float() for key in ("mIoU", "acc", "mean_acc", "fw_iou")}
         self.log_dict(summary, prog_bar=True, sync_dist=True, reduce_fx="max")  # the same in every process
         per_class = {
@@ -175,14 +248,55 @@ class SegmentationModule(L.LightningModule):
         }
         self.log_dict(per_class, sync_dist=True, reduce_fx="max")
         panels, self._val_panels = self._val_panels, []
-        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+        if self.trainer.sanity_checking:
             return
+        rows, worst = self._gather_report()
+        if not self.trainer.is_global_zero:
+            return
+        worst_panels = self._write_report(rows, worst)
+        if self.save_val_dir is not None:
+            log.info("Validation panels (image | truth | prediction | overlay) written to %s", self.save_val_dir)
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
                 step = self.global_step
                 for i, picture in enumerate(panels):
                     logger.experiment.add_image(f"val/sample_{i}", picture, step, dataformats="HWC")
-                logger.experiment.add_image("val/confusion_matrix", confusion_image(confmat), step, dataformats="HWC")
+                picture = confusion_image(confmat, self.class_names)
+                logger.experiment.add_image("val/confusion_matrix", picture, step, dataformats="HWC")
+                for i, picture in enumerate(worst_panels):
+                    logger.experiment.add_image(f"worst/{i}", picture, step, dataformats="HWC")
+
+    def _gather_report(self) -> tuple[list[dict[str, Any]], list[tuple]]:
+        """Every process's per-image rows and worst-image candidates, in rank 0 (``[]`` without a report)."""
+        rows, worst = self._per_image, self._worst
+        self._per_image, self._worst = [], []
+        if self.report_dir is None:
+            return [], []
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, (rows, worst))
+            rows = [row for part, _ in gathered for row in part]
+            worst = sorted((entry for _, part in gathered for entry in part), key=lambda entry: (entry[0], entry[1]))
+        return rows, worst[: self.num_worst_images]
+
+    def _write_report(self, rows: list[dict[str, Any]], worst: list[tuple]) -> list[np.ndarray]:
+        """Write ``per_image<tag>.csv`` and the worst images' panels under ``report_dir``; return the panels."""
+        if self.report_dir is None:
+            return []
+        path = self.report_dir / f"per_image{self.report_tag}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, per_image_csv(rows, self.class_names))
+        folder = self.report_dir / f"worst{self.report_tag}"
+        folder.mkdir(exist_ok=True)
+        for old in folder.glob("*.png"):  # the last validation's worst images only
+            old.unlink()
+        pictures = []
+        for rank, (_, name, rgb, truth, guess) in enumerate(worst, start=1):
+            picture = diagnostic_panel(rgb, truth, guess, self.class_names, self.palette, self.ignore_index)
+            Image.fromarray(picture).save(folder / f"{rank:02d}_{name}.png")
+            pictures.append(picture)
+        log.info("Per-image report written to %s, the %d worst images to %s", path, len(pictures), folder)
+        return pictures
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Make the checkpoint self-describing: network spec, class names, palette, ignore index, normalisation."""
@@ -205,3 +319,35 @@ class SegmentationModule(L.LightningModule):
             return {"optimizer": optimizer}
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def per_image_csv(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> str:
+    """The per-image report as CSV text, worst image (lowest mIoU) first, images without a labelled pixel last.
+
+    Columns: ``id``, ``height``, ``width``, ``pixels`` (not ignored), ``pixel_acc``, ``mIoU`` (over the classes in
+    the image's ground truth), ``main_confusion`` (``true -> predicted``, the largest off-diagonal entry of the
+    image's confusion matrix), ``confusion_pixels``, then ``iou/<class>`` for every class (empty where the class
+    is not in the image's ground truth).
+    """
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(
+        ["id", "height", "width", "pixels", "pixel_acc", "mIoU", "main_confusion", "confusion_pixels"]
+        + [f"iou/{name}" for name in class_names]
+    )
+
+    def order(row: Mapping[str, Any]) -> tuple[bool, float, str]:
+        return (row["mIoU"] != row["mIoU"], row["mIoU"], row["id"])
+
+    def number(value: float) -> str:
+        return "" if value != value else f"{value:.4f}"
+
+    for row in sorted(rows, key=order):
+        confusion = row["confusion"]
+        main = f"{class_names[confusion[0]]} -> {class_names[confusion[1]]}" if confusion else ""
+        ious = [number(row["iou"][c]) if c in row["iou"] else "" for c in range(len(class_names))]
+        writer.writerow(
+            [row["id"], *row["size"], row["pixels"], number(row["acc"]), number(row["mIoU"]), main,
+             confusion[2] if confusion else 0, *ious]
+        )  # fmt: skip
+    return out.getvalue()

@@ -1,0 +1,51 @@
+"""Exponential moving average of the weights (``model.ema.decay``), on top of Lightning's ``EMAWeightAveraging``.
+
+Lightning 2.6's callback already does what a training run needs: a ``torch.optim.swa_utils.AveragedModel`` of the
+whole module, buffers included (BatchNorm statistics), updated after every optimizer step (so with
+``trainer.accumulate_grad_batches=N`` once per N batches); the averaged weights swapped in for every validation
+(``val/*`` scores, hence the best checkpoint, are the EMA's) and copied into the module when training ends;
+checkpoints whose ``state_dict`` is the averaged model (what ``segvoc.checkpoints.load``, export and prediction
+read) with the raw weights in ``current_model_state`` and the averaging count in ``averaging_state``, from which a
+resumed run continues exactly. Under DDP every process keeps its own average of the same (synchronised) weights.
+
+What this subclass changes: the average lives on the training device from the start (Lightning's ``setup`` runs
+before the module is moved there, which would keep the average on the CPU and copy every weight to it after every
+step), and the warning about ``configure_model`` is not shown: the module's ``configure_model`` only sets the memory
+format and compiles in place, it creates no layers.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
+
+
+class EMA(EMAWeightAveraging):
+    """``EMAWeightAveraging`` with ``decay`` (0.9999 averages over about the last 10,000 steps), updated after every
+    optimizer step from ``start_step`` on (0: from the first; the average starts as a copy of the weights), kept on
+    ``device`` (None: the training device; "cpu" saves accelerator memory at the cost of a copy per step)."""
+
+    def __init__(self, decay: float = 0.9999, start_step: int = 0, device: str | None = None) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"model.ema.decay={decay} must lie strictly between 0 and 1 (0.9999 is usual)")
+        super().__init__(device=device, use_buffers=True, decay=decay, update_starting_at_step=start_step)
+        self.decay = decay
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(decay=self.decay)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._device is None:
+            self._device = trainer.strategy.root_device
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*WeightAveraging callback with a model that overrides")
+            super().setup(trainer, pl_module, stage)
+
+    def averaged_state(self) -> dict[str, torch.Tensor]:
+        """The averaged module's ``state_dict`` (keys as the module's), for tests and inspection."""
+        assert self._average_model is not None, "the average exists once fit() has started"
+        return {k[len("module.") :]: v for k, v in self._average_model.state_dict().items() if k.startswith("module.")}
