@@ -6,6 +6,8 @@ data is read or any model is built.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from segvoc.data.download import VOC_MEMBER
 from segvoc.data.voc import IMAGE_DIR, MASK_DIR, SPLIT_DIR
 from segvoc.errors import SegvocError
+from segvoc.models.backbone import check_output_stride
 
 
 class ConfigError(SegvocError):
@@ -25,9 +28,11 @@ def register_resolvers() -> None:
     composes: ``${len:<list>}`` (the number of items: ``conf/data/custom.yaml`` derives ``num_classes`` with it),
     ``${resume_run_dir:...}`` and ``${resume_config_subdir:...}`` (``conf/hydra/default.yaml``: a resumed run
     continues in its own folder)."""
+    from segvoc.training.hparams import run_name_resolver, store_dir_resolver
     from segvoc.training.rundir import resume_config_subdir, resume_run_dir
 
     resolvers = {"len": len, "resume_run_dir": resume_run_dir, "resume_config_subdir": resume_config_subdir}
+    resolvers |= {"run_name": run_name_resolver, "store_dir": store_dir_resolver}  # conf/logger/: run names, stores
     for name, resolver in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
@@ -54,8 +59,10 @@ def validate_config(cfg: DictConfig) -> None:
 
     Checks the dataset's classes, palette, ignore index and folder (``validate_data``), sizes, learning rate,
     steps, output stride, class counts (data vs model, and vs the checkpoint when resuming or evaluating), that a
-    given ``ckpt_path`` exists and is a safe checkpoint, and that a given ``model.net.init_from`` exists.
+    given ``ckpt_path`` exists and is a safe checkpoint, and that a given ``model.net.init_from`` exists. First of
+    all, that every ``_target_`` accepts the keys it is given (``validate_targets``).
     """
+    validate_targets(cfg)
     validate_data(cfg)
     for key in (
         "data.crop_size",
@@ -69,8 +76,8 @@ def validate_config(cfg: DictConfig) -> None:
     _validate_optimized_metric(cfg)
     net = cfg.model.get("net") or {}
     stride = net.get("output_stride")
-    if stride is not None and stride not in (8, 16):
-        raise ConfigError(f"model.net.output_stride={stride} is not supported: use 16 (ASPP rates 6/12/18) or 8.")
+    if stride is not None:
+        check_output_stride(stride, error=ConfigError)
     num_classes = cfg.data.num_classes
     for key, value, data_key in (
         ("model.num_classes", cfg.model.get("num_classes"), "num_classes"),
@@ -97,13 +104,88 @@ def validate_config(cfg: DictConfig) -> None:
                 f"ckpt_path={cfg.ckpt_path} does not exist; give the path of a .ckpt file (e.g. "
                 "outputs/train/<run>/checkpoints/last.ckpt) or leave ckpt_path unset."
             )
-        meta = read_checkpoint(path).get("segvoc") or {}
+        from segvoc.checkpoints.exported import is_exported
+
+        # an exported model (.onnx, TorchScript) is no torch checkpoint: evaluate checks its classes from its meta
+        meta = {} if is_exported(path) else (read_checkpoint(path).get("segvoc") or {})
         ckpt_classes = (meta.get("net") or {}).get("num_classes")
         if ckpt_classes is not None and ckpt_classes != num_classes:
             raise ConfigError(
                 f"{path} was trained for {ckpt_classes} classes but data.num_classes={num_classes}; "
                 "use data with the checkpoint's classes."
             )
+
+
+def validate_targets(cfg: DictConfig) -> None:
+    """Raise ``ConfigError`` when a ``_target_`` of ``cfg`` cannot be imported or is given a key that it does not
+    take, e.g. ``+optimizer.lrr=0.1``: "optimizer.lrr is not a parameter of torch.optim.SGD; valid: ...".
+
+    Every node with a ``_target_`` is checked (optimizer, scheduler, loss, callbacks, loggers, trainer, model,
+    model.net, data, ...) against ``inspect.signature`` of its target, which is imported but never called; a target
+    that takes ``**kwargs`` accepts any key. Hydra's own keys (``_partial_``, ``_convert_``, ...) are not checked,
+    nor nodes that only point at another (``model.optimizer: ${optimizer}`` is checked as ``optimizer``), nor the
+    ``hydra`` node.
+    """
+    from hydra._internal.utils import _locate  # what instantiate uses; the public get_object also logs an error
+
+    for path, node in _target_nodes(cfg, ""):
+        target = node._target_
+        try:
+            factory = _locate(str(target))
+        except Exception as exc:  # ImportError, AttributeError, ...: Hydra would fail on it later
+            while exc.__cause__ is not None:
+                exc = exc.__cause__
+            raise ConfigError(
+                f"{path}._target_={target} cannot be imported ({exc}); give the dotted path of a class or function."
+            ) from None
+        try:
+            parameters = list(inspect.signature(factory).parameters.values())
+        except (TypeError, ValueError):  # no signature to check against (some builtins)
+            continue
+        forwarded = _forwarded_parameters(factory)
+        if forwarded:  # its **options are those of the function it builds with
+            parameters = [p for p in parameters if p.kind is not p.VAR_KEYWORD] + forwarded
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            continue  # takes any keyword
+        valid = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        for key in node:
+            key = str(key)
+            if key.startswith("_") and key.endswith("_") or key in valid:
+                continue
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean {path}.{close[0]}?)" if close else ""
+            raise ConfigError(
+                f"{path}.{key} is not a parameter of {target}{hint}; valid: {', '.join(valid)}. Remove it, e.g. "
+                f"~{path}.{key}, or correct its name."
+            )
+
+
+def _forwarded_parameters(factory: Any) -> list[inspect.Parameter]:
+    """The parameters that ``factory`` takes through ``**options`` and passes on, where segvoc knows them:
+    ``model.net``'s ``build_net`` builds ``deeplab_mobilenet``."""
+    from segvoc.checkpoints.load import build_net
+    from segvoc.models.deeplab import deeplab_mobilenet
+
+    if factory is build_net:
+        return [p for p in inspect.signature(deeplab_mobilenet).parameters.values() if p.name != "arch"]
+    return []
+
+
+def _target_nodes(node: DictConfig | ListConfig, path: str) -> list[tuple[str, DictConfig]]:
+    """``(dotted path, node)`` of every node under ``node`` that has a ``_target_``, outermost first, without
+    following interpolations or entering the ``hydra`` node."""
+    found: list[tuple[str, DictConfig]] = []
+    if isinstance(node, DictConfig) and "_target_" in node and not OmegaConf.is_interpolation(node, "_target_"):
+        found.append((path, node))
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    for key in keys:
+        if (not path and key == "hydra") or OmegaConf.is_interpolation(node, key) or OmegaConf.is_missing(node, key):
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig | ListConfig) and not child._is_none():
+            name = f"{path}[{key}]" if isinstance(node, ListConfig) else f"{path}.{key}" if path else str(key)
+            found += _target_nodes(child, name)
+    return found
 
 
 def _validate_optimized_metric(cfg: DictConfig) -> None:

@@ -150,17 +150,17 @@ def download_file(
     """
     dest = Path(dest)
     part = dest.with_suffix(dest.suffix + ".part")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise _disk_error(dest.parent, exc) from exc
-
     offset = part.stat().st_size if part.is_file() else 0
     response = _open(url, offset, timeout, dest, part, ways_out)
     if response is None:  # the server cannot continue this .part (stale, or already complete): start over
         log.info("Cannot resume %s from byte %d; downloading it again from the start", part, offset)
         part.unlink()
         return download_file(url, dest, md5, timeout, ways_out)
+    try:  # only once the server answers: a download that cannot start leaves no (mistyped) folder behind
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        response.close()
+        raise _disk_error(dest.parent, exc) from exc
 
     with response:
         resumed = offset > 0 and response.status == 206

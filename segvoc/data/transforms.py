@@ -6,9 +6,12 @@ GPU at a quarter of the float size. Masks are resized with nearest neighbour onl
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Annotated, Any
 
+# albumentations asks PyPI for a newer version at import: a delay and a warning offline, nothing to act on
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A
 import cv2
 import numpy as np

@@ -9,6 +9,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import ParallelStrategy
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segvoc.config import ConfigError, validate_config
 from segvoc.training.checkpoint_io import AtomicCheckpointIO
+from segvoc.training.hparams import HParamsLogger, run_hparams
 from segvoc.training.rundir import record_result, record_run, share_run_dir
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,10 @@ def _require_gpus_for_sync_batchnorm(cfg: DictConfig, trainer: L.Trainer) -> Non
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Logger]) -> L.Trainer:
     """The ``cfg.trainer`` Trainer with ``callbacks`` and ``loggers``. Checkpoints are always written crash-safely
     (``AtomicCheckpointIO``): it is added here, not in the config, so overriding ``trainer.plugins`` cannot drop
-    it; only a ``CheckpointIO`` plugin of the user's own replaces it."""
+    it; only a ``CheckpointIO`` plugin of the user's own replaces it. ``trainer.enable_progress_bar=false`` drops
+    a configured progress bar (``callbacks.progress_bar``), which Lightning would otherwise refuse."""
+    if not cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     plugins = [hydra.utils.instantiate(p) for p in cfg.trainer.get("plugins") or []]
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
@@ -69,15 +74,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ``best/val/mIoU`` when a checkpoint callback monitored it; the same goes to ``<run>/result.json``.
     """
     validate_config(cfg)
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    # an entry is off when null, or when its patience is null (callbacks.early_stopping, off by default)
+    entries = [c for c in (cfg.get("callbacks") or {}).values() if c is not None and c.get("patience", 0) is not None]
+    callbacks = [hydra.utils.instantiate(c) for c in entries]
+    callbacks.append(HParamsLogger(run_hparams(cfg)))  # the HParams tab: recipe keys, overrides and results
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = build_trainer(cfg, callbacks, loggers)
-    if trainer.is_global_zero:
-        record_run(cfg.output_dir)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     prepare_and_check(datamodule, trainer, cfg)
+    if trainer.is_global_zero:  # once the data is usable: a refused start writes nothing of its own
+        record_run(cfg.output_dir)
     model: L.LightningModule = hydra.utils.instantiate(cfg.model, save_val_dir=save_val_dir(cfg))
 
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from omegaconf import DictConfig
 
 from segvoc.errors import SegvocError
 
@@ -21,11 +24,12 @@ def resume_run_dir(ckpt_path: str | None, default: str) -> str:
     """Return the run directory of ``ckpt_path`` when it lies in ``<run>/checkpoints/``, else ``default``.
 
     Continuing in the same directory keeps one TensorBoard stream per run and lets the checkpoint callback restore
-    its best score (Lightning restores it only when the checkpoint folder is unchanged).
+    its best score (Lightning restores it only when the checkpoint folder is unchanged). A ``ckpt_path`` that is
+    not a file gets ``default``: the launch then fails validation and ``discard_failed_start`` removes that folder.
     """
     if ckpt_path:
         path = Path(str(ckpt_path))
-        if path.parent.name == "checkpoints":
+        if path.parent.name == "checkpoints" and path.is_file():  # a mistyped path must not create a "run"
             return str(path.parent.parent)
     return default
 
@@ -34,6 +38,102 @@ def resume_config_subdir(ckpt_path: str | None, stamp: str) -> str:
     """Where Hydra records the config of this launch: ``.hydra``, or ``.hydra/resume-<stamp>`` when resuming in
     the checkpoint's run directory, so the original run's record is kept."""
     return f".hydra/resume-{stamp}" if resume_run_dir(ckpt_path, "") else ".hydra"
+
+
+# What Hydra writes into a run directory before the task starts: the config record and the job's log file
+HYDRA_RECORD = ".hydra"
+
+
+def discard_failed_start() -> list[Path]:
+    """After a launch failed before it wrote anything of its own (a config or data error), remove what Hydra made
+    for it, so that failed starts leave no run directories behind; return the paths removed.
+
+    A run directory that holds nothing but Hydra's record (``.hydra/``) and the job's log is removed whole, with the
+    folders above it inside the working directory that it leaves empty (``outputs/train/``); in a run
+    directory that holds more (a resume of an existing run) only this launch's ``.hydra/resume-<time>`` record is
+    removed, and the run's log keeps the error. Nothing is removed under ``-m`` (a sweep keeps every job's folder)
+    or outside a Hydra run.
+    """
+    import shutil
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return []
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.RUN or not hydra_cfg.runtime.output_dir:
+        return []
+    run = Path(hydra_cfg.runtime.output_dir)
+    record = run / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None
+    log_file = run / f"{hydra_cfg.job.name}.log"
+    if not run.is_dir():
+        return []
+    contents = set(run.iterdir())
+    cwd = Path.cwd().resolve()
+    if contents <= {run / HYDRA_RECORD, log_file} and run.resolve() != cwd:
+        shutil.rmtree(run, ignore_errors=True)
+        for parent in run.resolve().parents:  # and the folders made for it (outputs/train/) when now empty
+            if parent == cwd or cwd not in parent.parents:
+                break
+            try:
+                parent.rmdir()
+            except OSError:  # not empty (other runs), or gone
+                break
+        return [run]
+    if record is not None and record != run / HYDRA_RECORD and record.is_dir():
+        shutil.rmtree(record, ignore_errors=True)
+        return [record]
+    return []
+
+
+def recorded_config(ckpt_path: str | Path) -> Path | None:
+    """``<run>/.hydra/config.yaml``, the config Hydra recorded for the run that wrote ``<run>/checkpoints/<file>``;
+    ``None`` for a checkpoint outside such a run, or a run without the record."""
+    path = Path(str(ckpt_path)).expanduser()
+    config = path.parent.parent / HYDRA_RECORD / "config.yaml"
+    return config if path.parent.name == "checkpoints" and config.is_file() else None
+
+
+def use_recorded_data(cfg: DictConfig, overrides: Sequence[str]) -> Path | None:
+    """Evaluate a checkpoint on the data its run trained on: replace ``cfg.data`` by the ``data`` recorded with the
+    run of ``cfg.ckpt_path`` (``recorded_config``), keeping every ``data.<key>`` the command line sets
+    (``overrides``: Hydra's task overrides). Returns the record used, or ``None`` (and leaves ``cfg`` alone) when
+    there is none or when the command line chooses the data itself (``data=...`` or ``experiment=...``).
+
+    A relative recorded ``data.root`` is taken from the run's working directory (``.hydra/hydra.yaml``), so the
+    evaluation finds the data from any folder.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf, open_dict
+
+    record = recorded_config(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    if record is None:
+        return None
+    given: set[str] = set()
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if key in ("data", "experiment"):
+            return None
+        if key.startswith("data."):
+            given.add(key.split(".")[1])
+    recorded = OmegaConf.load(record).get("data")
+    if not isinstance(recorded, DictConfig):
+        return None
+    root = recorded.get("root")
+    if "root" not in given and isinstance(root, str) and not Path(root).expanduser().is_absolute():
+        hydra_record = record.with_name("hydra.yaml")
+        cwd = OmegaConf.select(OmegaConf.load(hydra_record), "hydra.runtime.cwd") if hydra_record.is_file() else None
+        if cwd:
+            recorded.root = str(Path(cwd) / root)
+    for key in given:  # the command line's value, or its removal (~data.<key>)
+        if key in cfg.data:
+            recorded[key] = cfg.data[key]
+        else:
+            recorded.pop(key, None)
+    with open_dict(cfg):
+        cfg.data = recorded
+    return record
 
 
 def record_run(output_dir: str | Path, argv: list[str] | None = None) -> Path:
