@@ -2,35 +2,104 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import runpy
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
+from segvoc.checkpoints.format import describe
 from segvoc.config import register_resolvers
 from segvoc.data.demo import make_demo_voc
+from segvoc.models.deeplab import deeplabv3plus_mobilenet
+from segvoc.palette import VOC_CLASSES
 
 register_resolvers()
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = str(REPO / "conf")
+# Lightning's seed_everything exports these; a test or a child process must not see what an earlier test left.
+SEED_VARIABLES = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--run-slow", action="store_true", help="also run tests marked slow (processes, seconds of training); CI does"
+    )
     parser.addoption("--run-long", action="store_true", help="also run tests marked long (minutes each on a CPU)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--run-long"):
-        return
-    skip = pytest.mark.skip(reason="long: run with --run-long")
+    """Tests marked ``slow`` run with ``--run-slow`` (or ``-m slow``), ``long`` ones with ``--run-long``."""
+    run_slow = config.getoption("--run-slow") or "slow" in (config.getoption("-m") or "")
     for item in items:
-        if "long" in item.keywords:
-            item.add_marker(skip)
+        if "long" in item.keywords and not config.getoption("--run-long"):
+            item.add_marker(pytest.mark.skip(reason="long: run with --run-long"))
+        elif "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: run with --run-slow (CI does)"))
+
+
+@pytest.fixture(autouse=True)
+def _no_seed_left_in_the_environment() -> Iterator[None]:
+    """Every test starts and ends without Lightning's seed variables, whatever ran before it."""
+    for name in SEED_VARIABLES:
+        os.environ.pop(name, None)
+    yield
+    for name in SEED_VARIABLES:
+        os.environ.pop(name, None)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process: this one without Lightning's seed variables, the repo on the path."""
+    base = {k: v for k, v in os.environ.items() if k not in SEED_VARIABLES}
+    return {**base, "PYTHONPATH": str(REPO), **extra}
+
+
+@contextlib.contextmanager
+def closed_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that refuses connections: bound (so no one else takes it) but never listening, for as
+    long as the block runs."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A segvoc checkpoint of a seeded random DeepLabV3+ (21 VOC classes) whose BatchNorm statistics are spread, so
+    its predictions vary over an image. Read-only: tests write their outputs elsewhere."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = deeplabv3plus_mobilenet(num_classes=21).eval()
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.5)
+            module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) * 1.5 + 0.5)
+    path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"state_dict": state, "segvoc": describe(net, list(VOC_CLASSES))}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def onnx_model(random_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``random_checkpoint`` exported to ONNX once for the session (an export takes seconds). Read-only."""
+    pytest.importorskip("onnxruntime")
+    from segvoc.checkpoints.load import load_model
+    from segvoc.tasks.export import export_onnx
+
+    net, meta = load_model(random_checkpoint)
+    return export_onnx(net, meta, tmp_path_factory.mktemp("onnx") / "model.onnx")
 
 
 @pytest.fixture(scope="session")
@@ -47,27 +116,31 @@ def compose_config(overrides: list[str], config_name: str = "train", return_hydr
         return compose(config_name=config_name, overrides=overrides, return_hydra_config=return_hydra_config)
 
 
+def shrunk_overrides(voc_root: Path) -> list[str]:
+    """Overrides that shrink the train config to ``voc_root``'s tiny tree on the CPU: tiny crops, 4 steps."""
+    return [
+        f"data.root={voc_root}",
+        "data.download=false",
+        "data.num_workers=0",
+        "data.batch_size=4",
+        "data.val_batch_size=2",
+        "data.crop_size=96",
+        "model.net.pretrained=false",
+        "trainer.accelerator=cpu",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.model_summary",
+    ]
+
+
 @pytest.fixture
 def make_cfg(voc_root: Path, tmp_path: Path) -> Callable[..., DictConfig]:
     """Return ``make_cfg(*overrides)``: the train config on the tiny tree, CPU, tiny crops, run dir in tmp."""
 
     def factory(*overrides: str) -> DictConfig:
-        base = [
-            f"data.root={voc_root}",
-            "data.download=false",
-            "data.num_workers=0",
-            "data.batch_size=4",
-            "data.val_batch_size=2",
-            "data.crop_size=96",
-            "model.net.pretrained=false",
-            "trainer.accelerator=cpu",
-            "trainer.max_steps=4",
-            "trainer.val_check_interval=2",
-            "trainer.log_every_n_steps=1",
-            "trainer.enable_progress_bar=false",
-            "~callbacks.model_summary",
-        ]
-        cfg = compose_config(base + list(overrides))
+        cfg = compose_config(shrunk_overrides(voc_root) + list(overrides))
         with open_dict(cfg):
             cfg.output_dir = str(tmp_path / "run")
         return cfg
@@ -78,8 +151,42 @@ def make_cfg(voc_root: Path, tmp_path: Path) -> Callable[..., DictConfig]:
 def run_script(script: str, args: list[str], cwd: Path, timeout: int = 600) -> tuple[int, str]:
     """Run ``<repo>/<script> args`` as a user would, in ``cwd``; return the exit status and stdout + stderr
     (Hydra's log handler writes to stdout)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, str(REPO / script), *args],
+        cwd=cwd,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     return proc.returncode, proc.stdout + proc.stderr
+
+
+def run_main(
+    script: str, args: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str]:
+    """Run ``python <repo>/<script> args`` (``script`` a ``.py`` file) or ``python -m <script> args`` (a module
+    name) in ``cwd`` inside this process, as ``__main__`` so that Hydra finds the config folder as it does for the
+    command; return the exit status and what it wrote (stdout + stderr). The cheap stand-in for ``run_script``
+    where the test is about the entry point's answer, not about the process."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [str(REPO / script) if script.endswith(".py") else script, *args])
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    capsys.readouterr()
+    try:
+        if script.endswith(".py"):
+            runpy.run_path(str(REPO / script), run_name="__main__")
+        else:
+            runpy.run_module(script, run_name="__main__", alter_sys=True)
+        status = 0
+    except SystemExit as exit_info:
+        status = exit_info.code if isinstance(exit_info.code, int) else 1
+    finally:  # Hydra configured logging for the job and keeps global state: undo both for the next test
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:], root.level = handlers, level
+        GlobalHydra.instance().clear()
+    out, err = capsys.readouterr()
+    return status, out + err

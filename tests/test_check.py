@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +24,8 @@ from segvoc.data.demo import make_demo_voc
 from segvoc.data.image import read_image
 from segvoc.errors import SegvocError
 from segvoc.palette import colorize
+from tests.conftest import REPO, child_env, run_main
 
-REPO = Path(__file__).resolve().parents[1]
 SPLITS = ["train", "val"]
 
 
@@ -256,13 +255,14 @@ def run_cli(*overrides: str, run_dir: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "segvoc.data.check", *overrides, f"hydra.run.dir={run_dir}"],
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=120,
     )
 
 
+@pytest.mark.slow  # python -m segvoc.data.check's one test in its own process
 def test_cli_reports_problems_converts_rgb_masks_and_exits_1(voc: Path, tmp_path: Path) -> None:
     train, val = ids(voc), ids(voc, "val")
     image_path(voc, train[0]).unlink()
@@ -277,13 +277,23 @@ def test_cli_reports_problems_converts_rgb_masks_and_exits_1(voc: Path, tmp_path
     assert not (tmp_path / "run" / ".hydra").exists()
 
 
-def test_cli_exits_0_on_a_clean_tree_and_1_without_a_dataset(voc: Path, tmp_path: Path) -> None:
-    clean = run_cli(f"data.root={voc.parents[1]}", "data.num_classes=21", run_dir=tmp_path / "a")
-    assert clean.returncode == 0, clean.stdout + clean.stderr
-    assert "No problems found." in clean.stdout
-    missing = run_cli(f"data.root={tmp_path / 'nothing'}", run_dir=tmp_path / "b")
-    output = missing.stdout + missing.stderr
-    assert missing.returncode == 1 and "no dataset folder" in output and "Traceback" not in output
+def test_cli_exits_0_on_a_clean_tree_and_1_without_a_dataset(voc: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    def check(*overrides: str, run_dir: Path) -> tuple[int, str]:
+        argv = [*overrides, f"hydra.run.dir={run_dir}"]
+        return run_main("segvoc.data.check", argv, REPO, monkeypatch, capsys)
+
+    status, output = check(f"data.root={voc.parents[1]}", "data.num_classes=21", run_dir=tmp_path / "a")
+    assert status == 0 and "No problems found." in output, output
+    status, output = check(f"data.root={tmp_path / 'nothing'}", run_dir=tmp_path / "b")
+    assert status == 1 and "no dataset folder" in output and "Traceback" not in output
+
+
+def test_an_unreadable_split_file_is_named(voc: Path) -> None:
+    split = voc / "ImageSets/Segmentation/train.txt"
+    split.write_bytes(b"\xff\xfe\x00 not text \x80\x81")
+    problems = check_dataset(voc, SPLITS)
+    assert [p.kind for p in problems] == ["unreadable_split"]
+    assert f"Cannot read the split file {split}" in format_report(problems)
 
 
 def test_the_check_reads_images_like_training(voc: Path) -> None:

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +22,48 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from segvoc.errors import SegvocError
 from segvoc.tasks.train import build_trainer, train
 from segvoc.training.checkpoint_io import AtomicCheckpointIO
+from tests.conftest import child_env, compose_config, shrunk_overrides
 
 REPO = Path(__file__).resolve().parents[1]
-BASE_LR = 0.01  # conf/optimizer/sgd.yaml
+# given on every command line here, so the expected learning rates do not depend on the config files' defaults
+BASE_LR = 0.02
+POWER = 0.8
 POLY_STEPS = 100  # scheduler.total_iters, beyond max_steps so that the final learning rate is not 0
+SCHEDULE = (f"optimizer.lr={BASE_LR}", f"scheduler.power={POWER}", f"scheduler.total_iters={POLY_STEPS}")
 
 
 def poly_lr(step: int) -> float:
-    return BASE_LR * (1 - step / POLY_STEPS) ** 0.9
+    """Polynomial decay by its definition: ``lr * (1 - step / total) ** power``."""
+    return BASE_LR * (1 - step / POLY_STEPS) ** POWER
 
 
-class RecordStep(L.Callback):
-    """Writes the global step to ``path`` after every training step: how far a run got before it was killed."""
+class PauseAt(L.Callback):
+    """At the end of training step ``step``: writes ``path`` (atomically: written, then renamed) and waits there
+    until SIGINT arrives (at most 300 s), so that a test can signal a run known to be at that step with nothing
+    being written. SIGINT still reaches the handler that was installed (segvoc's SaveOnInterrupt)."""
 
-    def __init__(self, path: str) -> None:
-        self.path = Path(path)
+    def __init__(self, step: int, path: str) -> None:
+        self.step, self.path = step, Path(path)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        self.path.write_text(str(trainer.global_step))
+        if trainer.global_step != self.step:
+            return
+        interrupted: list[int] = []
+        previous = signal.getsignal(signal.SIGINT)
+
+        def note(signum: int, frame: Any) -> None:
+            interrupted.append(signum)
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGINT, note)
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text(str(trainer.global_step))
+        os.replace(temporary, self.path)
+        deadline = time.monotonic() + 300
+        while not interrupted and time.monotonic() < deadline:  # a SIGKILL ends it here too
+            time.sleep(0.05)
+        signal.signal(signal.SIGINT, previous)
 
 
 class SigintDuring(L.Callback):
@@ -55,15 +78,14 @@ class SigintDuring(L.Callback):
 
 
 class SaveAt(L.Callback):
-    """Saves the training state to ``path`` at the end of step ``step``, then stops training."""
+    """Saves the training state to ``<folder>/step<N>.ckpt`` at the end of each step N in ``steps``."""
 
-    def __init__(self, step: int, path: str) -> None:
-        self.step, self.path = step, path
+    def __init__(self, steps: list[int], folder: str) -> None:
+        self.steps, self.folder = list(steps), Path(folder)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
-            trainer.save_checkpoint(self.path)
-            trainer.should_stop = True
+        if trainer.global_step in self.steps:
+            trainer.save_checkpoint(self.folder / f"step{trainer.global_step}.ckpt")
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -86,7 +108,7 @@ def train_args(voc_root: Path, *overrides: str, num_workers: int = 0) -> list[st
         "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false",
         "trainer.val_check_interval=5",
-        f"scheduler.total_iters={POLY_STEPS}",
+        *SCHEDULE,
         "~callbacks.model_summary",
         "seed=7",
         *overrides,
@@ -94,34 +116,28 @@ def train_args(voc_root: Path, *overrides: str, num_workers: int = 0) -> list[st
 
 
 def start_train(args: list[str], cwd: Path, log: Path, **popen: Any) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     with log.open("w") as out:
         return subprocess.Popen(
             [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, stdout=out, stderr=out, **popen
         )
 
 
-def wait_until(condition: Callable[[], bool], proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+def pause_at(step: int, path: Path) -> list[str]:
+    return [
+        "+callbacks.pause._target_=tests.test_crash.PauseAt",
+        f"+callbacks.pause.step={step}",
+        f"+callbacks.pause.path={path}",
+    ]
+
+
+def wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    """Wait until ``path`` exists (``PauseAt`` renames it into place whole): the run is paused at its step."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not path.exists():
         assert proc.poll() is None, f"training ended before the test could interrupt it:\n{log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, f"timed out:\n{log.read_text()[-3000:]}"
-        time.sleep(0.02)
-
-
-def saved_step(path: Path) -> int:
-    """The global step in the checkpoint at ``path``, -1 while there is none."""
-    try:
-        return load(path)["global_step"]
-    except FileNotFoundError:
-        return -1
-
-
-def recorded_step(path: Path) -> int:
-    try:
-        return int(path.read_text())
-    except (FileNotFoundError, ValueError):  # not yet written, or read between truncation and write
-        return -1
+        time.sleep(0.1)
 
 
 def temporary_files(folder: Path) -> list[str]:
@@ -233,17 +249,34 @@ def test_every_trainer_writes_through_the_atomic_plugin(make_cfg, plugins: str |
 # --- Ctrl-C, in process: the saved state is exactly that of an uninterrupted run at the same step ---------------
 
 
-@pytest.mark.parametrize("step", [3, 7, 10])  # before the first validation, between two, at one
-def test_ctrl_c_saves_the_state_of_the_finished_step(
-    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: int
-) -> None:
-    common = (
-        "data.crop_size=64",
-        "data.batch_size=2",
-        "trainer.max_steps=15",
-        "trainer.val_check_interval=5",
-        f"scheduler.total_iters={POLY_STEPS}",
+COMMON = ("data.crop_size=64", "data.batch_size=2", "trainer.max_steps=15", "trainer.val_check_interval=5", *SCHEDULE)
+STEPS = [3, 7, 10]  # before the first validation, between two, at one
+
+
+@pytest.fixture(scope="module")
+def reference(voc_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted 15-step run that saves its whole state at each of ``STEPS``: ``<folder>/step<N>.ckpt``."""
+    folder = tmp_path_factory.mktemp("reference")
+    cfg = compose_config(
+        [
+            *shrunk_overrides(voc_root),
+            *COMMON,
+            "+callbacks.save_at._target_=tests.test_crash.SaveAt",
+            f"+callbacks.save_at.steps=[{','.join(map(str, STEPS))}]",
+            f"+callbacks.save_at.folder={folder}",
+        ]
     )
+    with open_dict(cfg):
+        cfg.output_dir = str(folder / "run")
+    train(cfg)
+    return folder
+
+
+# between two validations in the default run; before the first one and at one with --run-slow
+@pytest.mark.parametrize("step", [pytest.param(3, marks=pytest.mark.slow), 7, pytest.param(10, marks=pytest.mark.slow)])
+def test_ctrl_c_saves_the_state_of_the_finished_step(
+    make_cfg, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: int
+) -> None:
     written: list[str] = []
     real_save = AtomicCheckpointIO.save_checkpoint
 
@@ -257,7 +290,7 @@ def test_ctrl_c_saves_the_state_of_the_finished_step(
         with pytest.raises(SystemExit):  # Lightning's KeyboardInterrupt shutdown
             train(
                 make_cfg(
-                    *common,
+                    *COMMON,
                     "+callbacks.sigint._target_=tests.test_crash.SigintDuring",
                     f"+callbacks.sigint.step={step}",
                 )
@@ -269,28 +302,19 @@ def test_ctrl_c_saves_the_state_of_the_finished_step(
     assert interrupted["global_step"] == step
     assert not last.is_symlink() and "last.ckpt" in written
 
-    reference_cfg = make_cfg(
-        *common,
-        "+callbacks.save_at._target_=tests.test_crash.SaveAt",
-        f"+callbacks.save_at.step={step}",
-        f"+callbacks.save_at.path={tmp_path / 'reference.ckpt'}",
-    )
-    with open_dict(reference_cfg):
-        reference_cfg.output_dir = str(tmp_path / "reference")
-    train(reference_cfg)
-    reference = load(tmp_path / "reference.ckpt")
-    assert reference["global_step"] == step
-    assert reference["state_dict"].keys() == interrupted["state_dict"].keys()
-    for name, tensor in reference["state_dict"].items():
+    expected = load(reference / f"step{step}.ckpt")
+    assert expected["global_step"] == step
+    assert expected["state_dict"].keys() == interrupted["state_dict"].keys()
+    for name, tensor in expected["state_dict"].items():
         assert torch.equal(tensor, interrupted["state_dict"][name]), name
-    momentum = [s["momentum_buffer"] for s in reference["optimizer_states"][0]["state"].values()]
+    momentum = [s["momentum_buffer"] for s in expected["optimizer_states"][0]["state"].values()]
     momentum_interrupted = [s["momentum_buffer"] for s in interrupted["optimizer_states"][0]["state"].values()]
     assert all(torch.equal(a, b) for a, b in zip(momentum, momentum_interrupted, strict=True))
-    assert interrupted["lr_schedulers"] == reference["lr_schedulers"]
+    assert interrupted["lr_schedulers"] == expected["lr_schedulers"]
     assert interrupted["lr_schedulers"][0]["last_epoch"] == step
     assert lr_of(interrupted) == pytest.approx(poly_lr(step), rel=1e-9)
 
-    train(make_cfg(*common, f"ckpt_path={last}"))
+    train(make_cfg(*COMMON, f"ckpt_path={last}"))
     assert load(last)["global_step"] == 15
     assert sorted(os.listdir(last.parent)) == ["best.ckpt", "last.ckpt"]  # no versioned last-v1.ckpt
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
@@ -304,46 +328,40 @@ def test_ctrl_c_saves_the_state_of_the_finished_step(
 
 @pytest.mark.slow
 def test_kill_9_then_resume_loses_at_most_one_validation_interval(voc_root: Path, tmp_path: Path) -> None:
-    run, step_file, log = tmp_path / "run", tmp_path / "step", tmp_path / "train.log"
+    run, paused, log = tmp_path / "run", tmp_path / "paused", tmp_path / "train.log"
     last = run / "checkpoints" / "last.ckpt"
-    args = train_args(voc_root, "trainer.max_steps=40")
-    proc = start_train(
-        [
-            *args,
-            f"hydra.run.dir={run}",
-            "+callbacks.record_step._target_=tests.test_crash.RecordStep",
-            f"+callbacks.record_step.path={step_file}",
-        ],
-        tmp_path,
-        log,
-    )
+    args = train_args(voc_root, "trainer.max_steps=20")
+    pause = [
+        "+callbacks.pause._target_=tests.test_crash.PauseAt",
+        "+callbacks.pause.step=13",
+        f"+callbacks.pause.path={paused}",
+    ]
+    proc = start_train([*args, f"hydra.run.dir={run}", *pause], tmp_path, log)
     try:
-        # between two validations, after at least two checkpoints
-        wait_until(lambda: recorded_step(step_file) % 5 in (2, 3) and saved_step(last) >= 10, proc, log)
+        wait_for(paused, proc, log)  # at step 13: checkpoints written after the validations at 5 and 10
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         proc.kill()
-    killed_at = recorded_step(step_file)
     state = load(last)  # complete, not truncated
-    assert 0 < killed_at - state["global_step"] <= 5
-    assert state["lr_schedulers"][0]["last_epoch"] == state["global_step"]
-    assert lr_of(state) == pytest.approx(poly_lr(state["global_step"]), rel=1e-9)
+    assert state["global_step"] == 10  # three steps lost: less than one validation interval
+    assert state["lr_schedulers"][0]["last_epoch"] == 10
+    assert lr_of(state) == pytest.approx(poly_lr(10), rel=1e-9)
     assert all(name.startswith(".") and name.endswith(".tmp") for name in temporary_files(last.parent))
 
     resumed = subprocess.run(
         [sys.executable, str(REPO / "train.py"), *args, f"ckpt_path={last}"],  # continues in the same run dir
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final = load(last)
-    assert final["global_step"] == 40
-    assert final["lr_schedulers"][0]["last_epoch"] == 40
-    assert lr_of(final) == pytest.approx(poly_lr(40), rel=1e-9)  # what an uninterrupted run ends with
+    assert final["global_step"] == 20
+    assert final["lr_schedulers"][0]["last_epoch"] == 20
+    assert lr_of(final) == pytest.approx(poly_lr(20), rel=1e-9)  # what an uninterrupted run ends with
     assert temporary_files(last.parent) == []
 
 
@@ -351,12 +369,18 @@ def test_kill_9_then_resume_loses_at_most_one_validation_interval(voc_root: Path
 def test_ctrl_c_in_a_terminal_saves_last_ckpt_and_exits(voc_root: Path, tmp_path: Path) -> None:
     run, log = tmp_path / "run", tmp_path / "train.log"
     last = run / "checkpoints" / "last.ckpt"
-    args = train_args(voc_root, "trainer.max_steps=1000", f"hydra.run.dir={run}", num_workers=1)
+    paused = tmp_path / "paused"
+    pause = [
+        "+callbacks.pause._target_=tests.test_crash.PauseAt",
+        "+callbacks.pause.step=7",
+        f"+callbacks.pause.path={paused}",
+    ]
+    args = train_args(voc_root, "trainer.max_steps=1000", f"hydra.run.dir={run}", *pause, num_workers=1)
     # its own process group, so that the signal reaches the DataLoader worker too, as a terminal's Ctrl-C does
     proc = start_train(args, tmp_path, log, start_new_session=True)
     try:
-        wait_until(lambda: saved_step(last) >= 5, proc, log)
-        validated = saved_step(last)
+        wait_for(paused, proc, log)  # at step 7, after the validation (and checkpoint) at step 5
+        validated = 5
         os.killpg(proc.pid, signal.SIGINT)
         returncode = proc.wait(timeout=60)
     finally:
@@ -364,7 +388,7 @@ def test_ctrl_c_in_a_terminal_saves_last_ckpt_and_exits(voc_root: Path, tmp_path
     output = log.read_text()
     assert returncode == 1, output[-3000:]
     state = load(last)
-    assert state["global_step"] > validated
+    assert state["global_step"] in (7, 8) and state["global_step"] > validated  # the running step is finished
     assert f"saved {last} at step {state['global_step']}" in output
     assert "Traceback" not in output
     assert state["lr_schedulers"][0]["last_epoch"] == state["global_step"]

@@ -26,7 +26,7 @@ from segvoc.palette import VOC_CLASSES, colorize
 from segvoc.tasks.evaluate import evaluate
 from segvoc.tasks.predict import run as predict
 from segvoc.tasks.train import train
-from tests.conftest import compose_config, run_script
+from tests.conftest import compose_config, run_main
 from tests.test_convert import SeedDeepLabV3Plus, _randomise, _seed_checkpoint
 from tests.test_train import scalars
 
@@ -130,7 +130,7 @@ def test_val_panels_draw_the_dataset_colours(trained: tuple[dict[str, float], Pa
     _, run_dir = trained
     first_val = (custom_root / "ImageSets/Segmentation/val.txt").read_text().split()[0]
     mask = np.array(Image.open(custom_root / "SegmentationClass" / f"{first_val}.png"))
-    picture = np.array(Image.open(sorted((run_dir / "val_results").glob("*.png"))[0]))  # the first val image
+    picture = np.array(Image.open(run_dir / "val_results" / f"{first_val}.png"))  # named by image id
     width = mask.shape[1]
     assert picture.shape == (mask.shape[0], 4 * width, 3)
     truth, prediction = picture[:, width : 2 * width], picture[:, 2 * width : 3 * width]
@@ -155,14 +155,16 @@ def test_evaluation_honours_the_custom_ignore_index_and_palette(
     assert [row["name"] for row in report["classes"]] == CLASSES
     first_val = (custom_root / "ImageSets/Segmentation/val.txt").read_text().split()[0]
     mask = np.array(Image.open(custom_root / "SegmentationClass" / f"{first_val}.png"))
-    picture = np.array(Image.open(sorted((tmp_path / "eval" / "val_results").glob("*.png"))[0]))
+    picture = np.array(Image.open(tmp_path / "eval" / "val_results" / f"{first_val}.png"))
     width = mask.shape[1]
     assert np.array_equal(picture[:, width : 2 * width], colorize(mask, PALETTE, IGNORE))
 
 
-def test_prediction_writes_the_checkpoint_colours(trained: tuple[dict[str, float], Path], custom_root: Path) -> None:
+def test_prediction_writes_the_checkpoint_colours(
+    trained: tuple[dict[str, float], Path], custom_root: Path, tmp_path: Path
+) -> None:
     _, run_dir = trained
-    output = run_dir / "predicted"
+    output = tmp_path / "predicted"  # not into the shared run folder
     cfg = compose_config(
         [
             f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}",
@@ -181,7 +183,13 @@ def test_prediction_writes_the_checkpoint_colours(trained: tuple[dict[str, float
         assert coloured.mode == "P" and coloured.getpalette()[:9] == [v for colour in PALETTE for v in colour]
         rgb = np.asarray(coloured.convert("RGB"))
         assert np.array_equal(rgb, np.array(PALETTE, np.uint8)[np.asarray(index)])
-        assert (output / "overlay" / f"{stem}.jpg").is_file()
+        # the overlay: the dataset's colours half over the image where a class other than background is predicted
+        image = np.asarray(Image.open(custom_root / "JPEGImages" / f"{stem}.jpg").convert("RGB"), np.float32)
+        objects = np.asarray(index) != 0
+        expected = image.copy()
+        expected[objects] = 0.5 * image[objects] + 0.5 * np.array(PALETTE, np.float32)[np.asarray(index)[objects]]
+        blended = np.asarray(Image.open(output / "overlay" / f"{stem}.jpg"), np.float32)
+        assert blended.shape == image.shape and np.abs(blended - expected).mean() < 4
 
 
 def test_dataset_check_uses_the_custom_ignore_index(tmp_path: Path) -> None:
@@ -255,8 +263,13 @@ def test_init_from_a_voc_checkpoint_reinitialises_only_the_classifier(
     assert f"init_from {path}: 21 -> 3 classes, classifier re-initialised; {total - 2} of {total} tensors loaded" in (
         caplog.text
     )
-    assert net.spec == {"arch": "deeplabv3plus", "num_classes": 3, "output_stride": 16, "stem_padding": 1,
-                        "block_padding": "depthwise"}
+    assert net.spec == {
+        "arch": "deeplabv3plus",
+        "num_classes": 3,
+        "output_stride": 16,
+        "stem_padding": 1,
+        "block_padding": "depthwise",
+    }
 
 
 def test_init_from_with_the_same_classes_loads_everything(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -321,8 +334,9 @@ def test_missing_classes_and_missing_folder_are_clear_errors(custom_root: Path, 
         validate_config(custom_cfg(tmp_path / "nothing", tmp_path))
 
 
-def test_bad_custom_config_on_the_command_line_exits_1_without_traceback(custom_root: Path, tmp_path: Path) -> None:
-    status, output = run_script(
-        "train.py", ["data=custom", f"data.root={custom_root}", "data.classes=[background,rust,rust]"], cwd=tmp_path
-    )
+def test_bad_custom_config_on_the_command_line_exits_1_without_traceback(
+    custom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["data=custom", f"data.root={custom_root}", "data.classes=[background,rust,rust]"]
+    status, output = run_main("train.py", argv, tmp_path, monkeypatch, capsys)
     assert status == 1 and "data.classes lists 'rust' more than once" in output and "Traceback" not in output

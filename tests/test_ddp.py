@@ -4,11 +4,11 @@ as the README says: one run directory, validation metrics of the whole split, th
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from segvoc.config import ConfigError
 from segvoc.tasks.evaluate import evaluate
 from segvoc.tasks.train import train
-from tests.conftest import REPO, run_script
+from tests.conftest import REPO, child_env, run_script
 
 FIGURES = ("overall_acc", "mean_acc", "freqw_acc", "mean_iou")
 
@@ -67,26 +67,46 @@ def launch(command: list[str], cwd: Path, **env: str) -> subprocess.Popen:
     """Start ``command`` in ``cwd`` with ``env`` added, outside any torchrun or SLURM launch this test runs in, one
     thread a process (as Lightning's own launcher sets it: gloo crawls when the processes oversubscribe the cores)."""
     launchers = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    base = {k: v for k, v in os.environ.items() if k not in launchers and not k.startswith(("SLURM_", "TORCHELASTIC_"))}
+    base = {
+        k: v for k, v in child_env().items() if k not in launchers and not k.startswith(("SLURM_", "TORCHELASTIC_"))
+    }
     return subprocess.Popen(
         command,
         cwd=cwd,
-        env={**base, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env},
+        env={**base, "OMP_NUM_THREADS": "1", **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
 
 
-def finish(procs: list[subprocess.Popen], timeout: int = 300) -> None:
+def finish(procs: list[subprocess.Popen], timeout: int = 300) -> bool:
+    """Wait for ``procs``; False when the rendezvous port was taken by someone else meanwhile (then the caller
+    tries another port), else every process must have succeeded."""
     try:
         outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
+    taken = [
+        p.returncode != 0 and "address already in use" in out.lower() for p, out in zip(procs, outputs, strict=True)
+    ]
+    if any(taken):
+        return False
     for proc, output in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, output[-3000:]
+    return True
+
+
+def run_on_a_free_port(start: Callable[[int], list[subprocess.Popen]], cwd: Path, tries: int = 3) -> None:
+    """``start(port)`` the processes and wait for them; a port found free can be taken before the processes bind
+    it, so a run that fails on a taken port is started again on another one (after clearing what it wrote)."""
+    for _ in range(tries):
+        if finish(start(free_port())):
+            return
+        shutil.rmtree(cwd / "outputs", ignore_errors=True)
+    raise AssertionError(f"the rendezvous port was taken {tries} times in a row")
 
 
 def test_sync_batchnorm_on_cpu_is_refused_before_training(make_cfg) -> None:
@@ -111,7 +131,7 @@ def test_ddp_writes_one_run_and_validates_the_whole_split(voc_root: Path, tmp_pa
     args = [*ddp_args(voc_root), "train=false", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}"]
     status, output = run_script("train.py", args, cwd=tmp_path)
     assert status == 0, output[-3000:]
-    two = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    two = json.loads((tmp_path / "eval" / "eval-whole.json").read_text())
     one = evaluate(make_cfg("train=false", f"ckpt_path={ckpt}"))
     assert [row["pixels"] for row in two["classes"]] == [row["pixels"] for row in one["classes"]]
     assert sum(row["pixels"] for row in one["classes"]) > 0
@@ -131,7 +151,8 @@ def test_ddp_sweep_starts_each_jobs_processes_for_that_job(voc_root: Path, tmp_p
     for job in ("0", "1"):
         assert_one_run(sweep / job)
     assert not (sweep / "0" / "val_results").exists()
-    assert {p.name[:6] for p in (sweep / "1" / "val_results").iterdir()} == {"rank0_", "rank1_"}
+    val_ids = (voc_root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    assert sorted(p.stem for p in (sweep / "1" / "val_results").iterdir()) == sorted(val_ids)  # both shares, by id
     # the sweep's record and summary are rank 0's alone
     assert OmegaConf.load(sweep / "multirun.yaml").hydra.job.name == "train"
     summary = json.loads((sweep / "summary.json").read_text())
@@ -141,27 +162,29 @@ def test_ddp_sweep_starts_each_jobs_processes_for_that_job(voc_root: Path, tmp_p
 @pytest.mark.slow
 def test_torchrun_on_two_nodes(voc_root: Path, tmp_path: Path) -> None:
     """The README's two-node torchrun commands, both nodes on this machine with one process each."""
-    port = free_port()
-    procs = [
-        launch(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes=2",
-                f"--node_rank={node}",
-                "--nproc_per_node=1",
-                "--master_addr=127.0.0.1",
-                f"--master_port={port}",
-                str(REPO / "train.py"),
-                *ddp_args(voc_root, processes=1),
-                "trainer.num_nodes=2",
-            ],
-            tmp_path,
-        )
-        for node in (0, 1)
-    ]
-    finish(procs)
+
+    def start(port: int) -> list[subprocess.Popen]:
+        return [
+            launch(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nnodes=2",
+                    f"--node_rank={node}",
+                    "--nproc_per_node=1",
+                    "--master_addr=127.0.0.1",
+                    f"--master_port={port}",
+                    str(REPO / "train.py"),
+                    *ddp_args(voc_root, processes=1),
+                    "trainer.num_nodes=2",
+                ],
+                tmp_path,
+            )
+            for node in (0, 1)
+        ]
+
+    run_on_a_free_port(start, tmp_path)
     run = only_child(tmp_path / "outputs" / "train")
     assert_one_run(run)
 
@@ -177,9 +200,12 @@ def test_srun_tasks_share_one_run(voc_root: Path, tmp_path: Path) -> None:
         "SLURM_NODELIST": "127.0.0.1",
         "SLURM_JOB_ID": "4242",
         "SLURM_JOB_NAME": "segvoc",
-        "MASTER_PORT": str(free_port()),
     }
     command = [sys.executable, str(REPO / "train.py"), *ddp_args(voc_root)]
-    procs = [launch(command, tmp_path, **slurm, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)) for rank in (1, 0)]
-    finish(procs)
+
+    def start(port: int) -> list[subprocess.Popen]:
+        env = {**slurm, "MASTER_PORT": str(port)}
+        return [launch(command, tmp_path, **env, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)) for rank in (1, 0)]
+
+    run_on_a_free_port(start, tmp_path)
     assert_one_run(only_child(tmp_path / "outputs" / "train"))

@@ -129,12 +129,16 @@ def serve() -> Iterator[Callable[..., Server]]:
         server.stop()
 
 
+_HELD_PORTS: list[socket.socket] = []  # bound, never listening, kept until the session ends: nothing else gets them
+
+
 def closed_port_url() -> str:
-    """A URL on 127.0.0.1 whose port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/{VOC_TAR_NAME}"
+    """A URL on 127.0.0.1 whose port refuses connections: bound here and kept (not listening), so no other process
+    can start listening on it while a test relies on the refusal."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _HELD_PORTS.append(sock)
+    return f"http://127.0.0.1:{sock.getsockname()[1]}/{VOC_TAR_NAME}"
 
 
 def leftovers(root: Path) -> list[str]:
@@ -173,6 +177,21 @@ def test_download_reuses_a_finished_tar_without_network(tmp_path: Path, voc_tar:
     voc = prepare_voc(root, download=True, url=closed_port_url(), md5=md5)
 
     assert is_voc_complete(voc)
+
+
+def test_a_finished_tar_with_another_checksum_is_downloaded_again(
+    tmp_path: Path, voc_tar: tuple[Path, str], serve: Callable[..., Server]
+) -> None:
+    tar, md5 = voc_tar
+    server = serve(tar.parent)
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / VOC_TAR_NAME).write_bytes(b"an older, different tar" * 100)
+
+    voc = prepare_voc(root, download=True, url=server.url(VOC_TAR_NAME), md5=md5)
+
+    assert is_voc_complete(voc) and server.requests == [None]  # one whole download, not a resume
+    assert not (root / VOC_TAR_NAME).exists() and leftovers(root) == []
 
 
 def test_checksum_mismatch_deletes_the_download(
@@ -334,6 +353,37 @@ def test_partial_download_resumes_with_range(
 
     assert dest.read_bytes() == data and leftovers(dest.parent) == []
     assert server.requests == [f"bytes={half}-"]
+
+
+class OtherRangeHandler(QuietHandler):
+    """Answers a Range request with 206 but the bytes from 0 (a Content-Range that does not start where asked)."""
+
+    def serve(self) -> None:
+        data = Path(self.translate_path(self.path)).read_bytes()
+        if self.headers.get("Range") is None:
+            super().serve()
+            return
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes 0-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_a_206_from_another_offset_restarts_the_download(
+    tmp_path: Path, voc_tar: tuple[Path, str], serve: Callable[..., Server]
+) -> None:
+    tar, md5 = voc_tar
+    data = tar.read_bytes()
+    server = serve(tar.parent, OtherRangeHandler)
+    dest = tmp_path / VOC_TAR_NAME
+    half = len(data) // 2
+    (tmp_path / (VOC_TAR_NAME + ".part")).write_bytes(data[:half])
+
+    assert download_file(server.url(VOC_TAR_NAME), dest, md5=md5) == dest
+
+    assert dest.read_bytes() == data and leftovers(tmp_path) == []  # not the half appended to the whole
+    assert server.requests == [f"bytes={half}-", None]
 
 
 def test_stale_part_is_restarted_when_range_is_not_supported(

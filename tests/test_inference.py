@@ -38,6 +38,24 @@ def test_flip_averages_the_mirrored_run() -> None:
         assert torch.allclose(infer(net, images, flip=True), expected, atol=1e-6)
 
 
+class Ramp(nn.Module):
+    """Multiplies column ``x`` by ``x + 1``: a net whose output depends on where a pixel is, so a flip shows."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images * torch.arange(1, images.shape[-1] + 1, dtype=images.dtype)
+
+
+def test_multiscale_flip_average_by_hand() -> None:
+    """One channel, one row ``[2, 8]``, scales 0.5 and 1, with flip. By hand:
+    scale 1: ``[2, 8] * [1, 2] = [2, 16]``; flipped: ``[8, 2] * [1, 2] = [8, 4]``, mirrored back ``[4, 8]``;
+    scale 0.5: bilinear 2 -> 1 pixel is the mean 5, times 1, back to 2 pixels ``[5, 5]``, the same flipped.
+    Mean of the four runs: ``[(2 + 4 + 5 + 5) / 4, (16 + 8 + 5 + 5) / 4] = [4, 8.5]``."""
+    images = torch.tensor([[[[2.0, 8.0]]]])
+    assert infer(Ramp(), images, scales=(0.5, 1.0), flip=True).tolist() == [[[[4.0, 8.5]]]]
+    assert infer(Ramp(), images, scales=(1.0,), flip=True).tolist() == [[[[3.0, 12.0]]]]  # (2 + 4) / 2, (16 + 8) / 2
+    assert infer(Ramp(), images, scales=(0.5, 1.0)).tolist() == [[[[3.5, 10.5]]]]  # (2 + 5) / 2, (16 + 5) / 2
+
+
 def test_sliding_window_equals_whole_image_for_a_pointwise_net() -> None:
     net = nn.Conv2d(3, 4, 1)  # no context: tiles must reproduce the whole-image result exactly
     with torch.no_grad():

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import platform
 import sys
+from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import lightning
 import pytest
@@ -16,7 +18,7 @@ from segvoc.checkpoints.load import load_model
 from segvoc.config import ConfigError
 from segvoc.tasks.evaluate import evaluate
 from segvoc.tasks.train import train
-from tests.conftest import run_script
+from tests.conftest import run_main
 from tests.test_train import scalars
 
 
@@ -41,8 +43,8 @@ def test_bad_config_values_are_one_clear_line(make_cfg, override: str, names: st
     assert names in message and "\n" not in message
 
 
-def test_bad_value_on_the_command_line_exits_1_without_traceback(tmp_path: Path) -> None:
-    status, output = run_script("train.py", ["data.crop_size=0"], cwd=tmp_path)
+def test_bad_value_on_the_command_line_exits_1_without_traceback(tmp_path: Path, monkeypatch, capsys) -> None:
+    status, output = run_main("train.py", ["data.crop_size=0"], tmp_path, monkeypatch, capsys)
     assert status == 1 and "data.crop_size=0" in output and "Traceback" not in output
 
 
@@ -81,15 +83,14 @@ def test_training_resume_and_evaluation_refuse_a_malicious_checkpoint(make_cfg, 
     assert not marker.exists()
 
 
-def test_prediction_refuses_a_malicious_checkpoint(malicious, tmp_path: Path) -> None:
+def test_prediction_refuses_a_malicious_checkpoint(malicious, tmp_path: Path, monkeypatch, capsys) -> None:
     from PIL import Image
 
     path, marker = malicious
     Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
-    status, output = run_script(
-        "predict.py", [f"ckpt={path}", f"input={tmp_path / 'a.png'}", f"output={tmp_path / 'out'}"], cwd=tmp_path
-    )
-    assert status == 1 and "pickled" in output
+    argv = [f"ckpt={path}", f"input={tmp_path / 'a.png'}", f"output={tmp_path / 'out'}"]
+    status, output = run_main("predict.py", argv, tmp_path, monkeypatch, capsys)
+    assert status == 1 and "pickled" in output and "Traceback" not in output
     assert not marker.exists()
 
 
@@ -108,9 +109,9 @@ def test_run_directory_records_command_versions_and_commit(make_cfg) -> None:
     cfg = make_cfg("trainer.max_steps=2")
     train(cfg)
     record = json.loads((Path(cfg.output_dir) / "run.json").read_text())
-    # what pip installed (the wheel's metadata), against what the running interpreter imported
-    assert record["packages"]["torch"] == torch.__version__.split("+")[0]
-    assert record["packages"]["lightning"] == lightning.__version__
+    # what pip installed (the wheels' metadata) and what the running interpreter imported: both must agree
+    assert record["packages"]["torch"] == version("torch") == torch.__version__.split("+")[0]
+    assert record["packages"]["lightning"] == version("lightning") == lightning.__version__
     assert record["python"] == platform.python_version()
     assert record["command"][0] == sys.executable
     assert "git_commit" in record and (record["git_commit"] is None or len(record["git_commit"]) == 40)
@@ -140,11 +141,34 @@ def test_training_refuses_a_broken_dataset_before_the_first_step(make_cfg, broke
     assert not (Path(cfg.output_dir) / "checkpoints").exists()  # nothing trained
 
 
-def test_skip_bad_samples_trains_without_them(make_cfg, broken_root: Path, caplog: pytest.LogCaptureFixture) -> None:
-    metrics = train(make_cfg(f"data.root={broken_root}", "data.skip_bad_samples=true", "trainer.max_steps=2"))
+class RecordTrainIds(lightning.Callback):
+    """Writes the ids of the training set that ``fit`` uses to ``path`` (JSON) as training starts."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_start(self, trainer: lightning.Trainer, *args: Any) -> None:
+        self.path.write_text(json.dumps(list(trainer.datamodule.train_set.ids)))
+
+
+def test_skip_bad_samples_trains_without_them(
+    make_cfg, broken_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    record = tmp_path / "ids.json"
+    metrics = train(
+        make_cfg(
+            f"data.root={broken_root}",
+            "data.skip_bad_samples=true",
+            "trainer.max_steps=1",
+            "+callbacks.ids._target_=tests.test_safety.RecordTrainIds",
+            f"+callbacks.ids.path={record}",
+        )
+    )
+    train_ids = (broken_root / "VOCdevkit/VOC2012/ImageSets/Segmentation/train.txt").read_text().split()
     assert "Skipping 1 bad samples" in caplog.text and "train/loss" in metrics
+    assert json.loads(record.read_text()) == train_ids[1:]  # the truncated first image is left out, no other
 
 
-def test_unknown_choice_lists_the_available_ones(tmp_path: Path) -> None:
-    status, output = run_script("train.py", ["model=deeplabv4"], cwd=tmp_path)
+def test_unknown_choice_lists_the_available_ones(tmp_path: Path, monkeypatch, capsys) -> None:
+    status, output = run_main("train.py", ["model=deeplabv4"], tmp_path, monkeypatch, capsys)
     assert status == 1 and "deeplabv3plus" in output and "Traceback" not in output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -18,10 +19,57 @@ def _train_steps(make_cfg, *overrides: str) -> tuple[dict[str, float], Path]:
     return metrics, Path(cfg.output_dir)
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_precision_and_channels_last_train_a_step(make_cfg, precision: str, channels_last: bool) -> None:
-    metrics, run = _train_steps(make_cfg, f"trainer.precision={precision}", f"model.channels_last={channels_last}")
+class Probe(L.Callback):
+    """Records, during the first training step, what the network ran with: the dtype of its output (autocast), the
+    memory format of its input, and whether it is compiled and with which options; written to ``path`` as JSON."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.seen: dict[str, object] = {}
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        def hook(net: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if not self.seen:
+                self.seen.update(
+                    output_dtype=str(output.dtype),
+                    input_channels_last=inputs[0].is_contiguous(memory_format=torch.channels_last)
+                    and not inputs[0].is_contiguous(),
+                    compiled=getattr(module.net, "_compiled_call_impl", None) is not None,
+                )
+                self.path.write_text(json.dumps(self.seen))
+
+        self.handle = module.net.register_forward_hook(hook)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.handle.remove()
+
+
+def _train_steps(make_cfg, tmp_path: Path, *overrides: str) -> tuple[dict[str, float], Path, dict]:
+    probe = tmp_path / "probe.json"
+    cfg = make_cfg(
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "data.crop_size=64",
+        "+callbacks.probe._target_=tests.test_speed_options.Probe",
+        f"+callbacks.probe.path={probe}",
+        *overrides,
+    )
+    metrics = train(cfg)
+    return metrics, Path(cfg.output_dir), json.loads(probe.read_text())
+
+
+@pytest.mark.parametrize(
+    ("precision", "channels_last", "dtype"),
+    [("32-true", False, "torch.float32"), ("bf16-mixed", True, "torch.bfloat16")],
+)
+def test_precision_and_channels_last_take_effect(
+    make_cfg, tmp_path: Path, precision: str, channels_last: bool, dtype: str
+) -> None:
+    """Each value of each option once (the two options are independent: see the unit test below for the layout)."""
+    metrics, run, seen = _train_steps(
+        make_cfg, tmp_path, f"trainer.precision={precision}", f"model.channels_last={channels_last}"
+    )
+    assert seen == {"output_dtype": dtype, "input_channels_last": channels_last, "compiled": False}
     assert torch.isfinite(torch.tensor(metrics["train/loss"])) and 0.0 <= metrics["val/mIoU"] <= 1.0
     assert json.loads((run / "result.json").read_text())["global_step"] == 2
     net, _ = load_model(run / "checkpoints" / "last.ckpt")  # checkpoints load whatever the memory format was
@@ -47,19 +95,41 @@ def fresh_net() -> torch.nn.Module:
     return deeplabv3plus_mobilenet(pretrained=False)
 
 
-def _check_compiled_run(metrics: dict[str, float], run: Path) -> None:
+def _check_compiled_run(metrics: dict[str, float], run: Path, seen: dict) -> None:
+    assert seen["compiled"] is True
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert not any("_orig_mod" in key for key in state)  # compiled in place: checkpoints stay interchangeable
     load_model(run / "checkpoints" / "last.ckpt")
 
 
-def test_compile_options_reach_torch_compile(make_cfg) -> None:
-    # TorchDynamo graph capture with the aot_eager backend: the whole compile path without Inductor's C++ build
-    _check_compiled_run(*_train_steps(make_cfg, "model.compile={backend:aot_eager}"))
+def test_compile_options_reach_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``model.compile`` as a mapping is passed to ``nn.Module.compile`` as keyword arguments, once."""
+    from segvoc.training.module import SegmentationModule
+
+    calls: list[dict] = []
+    real_compile = torch.nn.Module.compile
+
+    def recording_compile(self: torch.nn.Module, *args: object, **kwargs: object) -> None:
+        calls.append(kwargs)
+        real_compile(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", recording_compile)
+    module = SegmentationModule(fresh_net(), compile={"backend": "eager", "dynamic": False})
+    module.configure_model()
+    module.configure_model()  # Lightning may call it again (resume): compiled once
+    assert calls == [{"backend": "eager", "dynamic": False}]
+    assert module.net._compiled_call_impl is not None
+    assert SegmentationModule(fresh_net(), compile=False).net._compiled_call_impl is None
+
+
+@pytest.mark.slow  # TorchDynamo graph capture and AOTAutograd on the CPU: about a minute
+def test_compiled_network_trains(make_cfg, tmp_path: Path) -> None:
+    # the aot_eager backend: the whole compile path (forward and backward graphs) without Inductor's C++ build
+    _check_compiled_run(*_train_steps(make_cfg, tmp_path, "model.compile={backend:aot_eager}"))
 
 
 @pytest.mark.long
-def test_inductor_compiled_network_trains_in_bf16(make_cfg) -> None:
+def test_inductor_compiled_network_trains_in_bf16(make_cfg, tmp_path: Path) -> None:
     # about 3.5 minutes of kernel compilation on 2 CPU cores
-    _check_compiled_run(*_train_steps(make_cfg, "model.compile=true", "trainer.precision=bf16-mixed"))
+    _check_compiled_run(*_train_steps(make_cfg, tmp_path, "model.compile=true", "trainer.precision=bf16-mixed"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import hydra
@@ -14,7 +13,7 @@ from torch import nn
 
 from segvoc.models.backbone import InputPaddedBlock
 from segvoc.tasks.train import train
-from tests.conftest import compose_config, run_script
+from tests.conftest import closed_port, compose_config, run_script
 
 
 def scalars(run_dir: Path) -> dict[str, list[float]]:
@@ -29,7 +28,7 @@ def test_fast_dev_run(make_cfg) -> None:
 
 
 def test_training_logs_checkpoints_and_tensorboard(make_cfg) -> None:
-    cfg = make_cfg()
+    cfg = make_cfg("optimizer.lr=0.02")  # given here: the expected first learning rate does not come from a YAML
     metrics = train(cfg)
     run = Path(cfg.output_dir)
     assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
@@ -47,9 +46,9 @@ def test_training_logs_checkpoints_and_tensorboard(make_cfg) -> None:
         assert tag in logged, f"{tag} not in TensorBoard: {sorted(logged)}"
     assert len(logged["val/mIoU"]) == 2  # every 2 of 4 steps
     assert metrics["best/val/mIoU"] == pytest.approx(max(logged["val/mIoU"]), abs=1e-6)
-    # poly decay stepped every iteration: lr strictly decreasing from 0.01
+    # poly decay stepped every iteration: lr strictly decreasing from the given 0.02
     lrs = logged["lr"]
-    assert lrs[0] == pytest.approx(0.01) and all(lrs[i] > lrs[i + 1] for i in range(len(lrs) - 1))
+    assert lrs[0] == pytest.approx(0.02) and all(lrs[i] > lrs[i + 1] for i in range(len(lrs) - 1))
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     assert "config/text_summary" in acc.Tags()["tensors"]
@@ -73,13 +72,17 @@ def test_resume_continues_steps_and_keeps_best_score(make_cfg) -> None:
     assert len(scalars(run)["val/mIoU"]) == 3
 
 
-def test_resume_continues_in_the_checkpoint_run_directory() -> None:
-    cfg = compose_config(
-        ["ckpt_path=outputs/train/2026-01-01_00-00-00/checkpoints/last.ckpt", "output_dir=x"],
-        return_hydra_config=True,
-    )
-    assert cfg.hydra.run.dir == "outputs/train/2026-01-01_00-00-00"
+def test_resume_continues_in_the_checkpoint_run_directory(tmp_path: Path) -> None:
+    run = tmp_path / "outputs/train/2026-01-01_00-00-00"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    cfg = compose_config([f"ckpt_path={run}/checkpoints/last.ckpt", "output_dir=x"], return_hydra_config=True)
+    assert cfg.hydra.run.dir == str(run)
     assert cfg.hydra.output_subdir.startswith(".hydra/resume-")
+    # a mistyped checkpoint path is not a run directory to create (the launch fails validation instead)
+    missing = tmp_path / "outputs/train/nope/checkpoints/last.ckpt"
+    cfg = compose_config([f"ckpt_path={missing}", "output_dir=x"], return_hydra_config=True)
+    assert cfg.hydra.run.dir.startswith("outputs/train/") and cfg.hydra.output_subdir == ".hydra"
     cfg = compose_config(["ckpt_path=/somewhere/model.ckpt", "output_dir=x"], return_hydra_config=True)
     assert cfg.hydra.run.dir.startswith("outputs/train/")
 
@@ -128,30 +131,31 @@ def test_seed_report_builds_the_seed_tools_network() -> None:
     assert {m.momentum for m in synced.modules() if isinstance(m, nn.SyncBatchNorm)} == {0.01}
 
 
-def test_learning_overfits_a_few_images(voc_root: Path, make_cfg) -> None:
+def test_learning_lowers_the_loss_on_a_few_images(make_cfg) -> None:
+    """20 seeded steps on 4 images at crop 64: the training loss of the last steps is well below that of the first."""
     cfg = make_cfg(
+        "seed=1",
         "data.train_split=val",
         "data.scale_range=[1.0,1.0]",
-        "data.crop_size=128",
+        "data.crop_size=64",
         "optimizer=adamw",
         "optimizer.lr=3e-3",
-        "scheduler.total_iters=120",
-        "trainer.max_steps=120",
-        "trainer.val_check_interval=60",
+        "scheduler.total_iters=20",
+        "trainer.max_steps=20",
+        "trainer.val_check_interval=20",
     )
-    metrics = train(cfg)
-    assert metrics["best/val/mIoU"] > 0.9, metrics
+    train(cfg)
+    losses = scalars(Path(cfg.output_dir))["train/loss"]
+    assert len(losses) == 20
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < 0.6 * first, losses
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
+@pytest.mark.slow  # train.py's one test in its own process
 def test_train_without_data_or_network_ends_with_a_clear_message(tmp_path: Path) -> None:
-    url = f"http://127.0.0.1:{_closed_port()}/VOCtrainval_11-May-2012.tar"
-    status, output = run_script("train.py", [f"data.root={tmp_path / 'data'}", f"data.url={url}"], cwd=tmp_path)
+    with closed_port() as port:
+        url = f"http://127.0.0.1:{port}/VOCtrainval_11-May-2012.tar"
+        status, output = run_script("train.py", [f"data.root={tmp_path / 'data'}", f"data.url={url}"], cwd=tmp_path)
     assert status == 1
     assert "data.root" in output and "data.tar_path" in output
     assert "Traceback" not in output
