@@ -51,8 +51,9 @@ def only_child(folder: Path) -> Path:
 
 
 def assert_one_run(run: Path) -> None:
-    """One TensorBoard stream and one result, written by rank 0; the other process only logs beside it."""
-    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    """One TensorBoard stream and one result, written by rank 0; the other process only logs beside it. (A sweep
+    job's stream lies in ``tensorboard/<run name>/``, a single run's in ``tensorboard/``.)"""
+    assert len(list((run / "tensorboard").rglob("events.out.tfevents.*"))) == 1
     assert [p.relative_to(run) for p in run.rglob("result.json")] == [Path("result.json")]
     assert (run / "train_ddp_process_1.log").is_file()
 
