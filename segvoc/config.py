@@ -73,6 +73,7 @@ def validate_config(cfg: DictConfig) -> None:
     ):
         _positive(cfg, key)
     _positive(cfg, "optimizer.lr", float)
+    _validate_scale_range(cfg.data.get("scale_range"))
     _validate_optimized_metric(cfg)
     net = cfg.model.get("net") or {}
     stride = net.get("output_stride")
@@ -202,6 +203,24 @@ def _validate_optimized_metric(cfg: DictConfig) -> None:
     if name not in known:
         raise ConfigError(
             f"optimized_metric={name} is not a metric this run logs; choose one of {', '.join(known)}."
+        )
+
+
+def _validate_scale_range(scale_range: Any) -> None:
+    """``data.scale_range`` is ``[low, high]`` with ``0 < low <= high`` (the random rescaling of training images)."""
+    if scale_range is None:
+        return
+    values = list(scale_range) if isinstance(scale_range, ListConfig | list) else None
+    if (
+        values is None
+        or len(values) != 2
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        or not 0 < values[0] <= values[1]
+    ):
+        shown = values if values is not None else scale_range
+        raise ConfigError(
+            f"data.scale_range={shown} is not valid: give [low, high] with 0 < low <= high, the factors training "
+            "images are rescaled by at random, e.g. data.scale_range=[0.5,2.0]."
         )
 
 

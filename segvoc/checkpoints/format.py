@@ -123,5 +123,11 @@ def build_from_checkpoint(
     try:
         net.load_state_dict(_net_state(checkpoint))
     except RuntimeError as exc:
-        raise CheckpointError(f"The weights in {source} do not fit the network it describes: {exc}") from exc
+        detail = " ".join(str(exc).split())  # PyTorch's message spans many lines; one paragraph here
+        detail = detail if len(detail) <= 300 else detail[:300] + " ..."
+        raise CheckpointError(
+            f"The weights in {source} do not fit the network it describes ({detail}); the file was edited or "
+            "written by another program. Use a checkpoint written by segvoc, or convert a seed checkpoint with "
+            "`python -m segvoc.convert`."
+        ) from exc
     return net.eval(), meta
