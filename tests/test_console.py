@@ -74,10 +74,12 @@ def test_quiet_libraries_drops_only_the_listed_messages(monkeypatch: pytest.Monk
         "The number of training batches (5) is smaller than the logging interval Trainer(log_every_n_steps=10).",
     ]
     kept = "The 'train_dataloader' does not have many workers which may be a bottleneck. Consider increasing them."
-    # read Lightning's info lines where they are logged, whatever earlier tests did to propagation or levels
+    # read Lightning's info lines where they are logged, whatever earlier tests did to propagation or levels (the
+    # bench's main, run in-process by test_bench, sets the lightning loggers to WARNING)
     info = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     monkeypatch.setattr(info, "disabled", False)
-    monkeypatch.setattr(info, "level", logging.INFO)
+    level = info.level
+    info.setLevel(logging.INFO)  # setLevel, not the attribute: logging caches each logger's enabled levels
     lines: list[str] = []
     catcher = logging.Handler()
     catcher.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
@@ -93,6 +95,7 @@ def test_quiet_libraries_drops_only_the_listed_messages(monkeypatch: pytest.Monk
             warnings.warn(noise[0], UserWarning, stacklevel=1)  # outside the block: shown again
     finally:
         info.removeHandler(catcher)
+        info.setLevel(level)
     assert [str(w.message) for w in shown] == [kept, noise[0]]
     assert lines == ["GPU available: False, used: False"]
 
