@@ -1,6 +1,6 @@
 """The bench's ``deploy`` section: batch-1 CPU latency of the deployable forms of the configured network.
 
-A checkpoint of the configured module (``sections.write_checkpoint``) is exported to fp32 ONNX
+A checkpoint of the configured module (``workloads.write_checkpoint``) is exported to fp32 ONNX
 (``segvoc.tasks.export.export_onnx``) and quantised to int8 (``segvoc.tasks.quantize.quantize_int8`` with the
 defaults of ``conf/export.yaml``, calibrated on the bench's training images). Each runtime then runs one normalised
 image at ``crop_size`` x ``crop_size`` and at the bench's whole landscape image size, with one CPU thread and with
@@ -91,7 +91,7 @@ def time_runtime(
 
 def deploy_files(bench: Bench) -> dict[str, Path]:
     """The checkpoint, fp32 ONNX and int8 ONNX files of the configured network, written under the bench's workdir."""
-    from segvoc.bench.sections import write_checkpoint
+    from segvoc.bench.workloads import write_checkpoint
     from segvoc.checkpoints.load import load_model
     from segvoc.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from segvoc.tasks.export import export_onnx

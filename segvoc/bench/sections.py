@@ -36,6 +36,7 @@ from segvoc.bench.workloads import (
     plain_training,
     throughput,
     training_overrides,
+    write_checkpoint,
 )
 from segvoc.data.datamodule import VOCDataModule, default_num_workers
 
@@ -249,17 +250,6 @@ def measure_val(bench: Bench) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------- predict
-def write_checkpoint(cfg: DictConfig, path: Path) -> Path:
-    """Save the configured module, freshly built with seed 0, as a checkpoint ``segvoc.tasks.predict`` loads: its
-    state dict and what Lightning adds through ``on_save_checkpoint`` (network spec, classes, normalisation)."""
-    torch.manual_seed(0)
-    module = instantiate(cfg.model)
-    checkpoint: dict[str, Any] = {"state_dict": module.state_dict()}
-    module.on_save_checkpoint(checkpoint)
-    torch.save(checkpoint, path)
-    return path
-
-
 def link_folder(path: Path, files: Sequence[Path]) -> Path:
     """Make ``path`` a new folder of symbolic links to ``files``, numbered so that repeated files stay distinct."""
     path.mkdir()

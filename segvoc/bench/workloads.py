@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
@@ -231,3 +232,14 @@ def plain_training(
             synchronize(device)
         times.append(time.perf_counter())
     return times
+
+
+def write_checkpoint(cfg: DictConfig, path: Path) -> Path:
+    """Save the configured module, freshly built with seed 0, as a checkpoint ``segvoc.tasks.predict`` loads: its
+    state dict and what Lightning adds through ``on_save_checkpoint`` (network spec, classes, normalisation)."""
+    torch.manual_seed(0)
+    module = instantiate(cfg.model)
+    checkpoint: dict[str, Any] = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return path
