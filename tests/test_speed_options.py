@@ -13,12 +13,6 @@ from segvoc.checkpoints.load import load_model
 from segvoc.tasks.train import train
 
 
-def _train_steps(make_cfg, *overrides: str) -> tuple[dict[str, float], Path]:
-    cfg = make_cfg("trainer.max_steps=2", "trainer.val_check_interval=2", "data.crop_size=64", *overrides)
-    metrics = train(cfg)
-    return metrics, Path(cfg.output_dir)
-
-
 class Probe(L.Callback):
     """Records, during the first training step, what the network ran with: the dtype of its output (autocast), the
     memory format of its input, and whether it is compiled and with which options; written to ``path`` as JSON."""
@@ -123,10 +117,20 @@ def test_compile_options_reach_torch_compile(monkeypatch: pytest.MonkeyPatch) ->
     assert SegmentationModule(fresh_net(), compile=False).net._compiled_call_impl is None
 
 
-@pytest.mark.slow  # TorchDynamo graph capture and AOTAutograd on the CPU: about a minute
+@pytest.mark.slow  # TorchDynamo graph capture and AOTAutograd on the CPU: about half a minute
 def test_compiled_network_trains(make_cfg, tmp_path: Path) -> None:
-    # the aot_eager backend: the whole compile path (forward and backward graphs) without Inductor's C++ build
-    _check_compiled_run(*_train_steps(make_cfg, tmp_path, "model.compile={backend:aot_eager}"))
+    # the aot_eager backend: the whole compile path (forward and backward graphs) without Inductor's C++ build; one
+    # step and one validation batch compile the training graphs and the evaluation graph once each
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    run = _train_steps(
+        make_cfg, tmp_path, "model.compile={backend:aot_eager}", "trainer.max_steps=1", "trainer.val_check_interval=1",
+        "+trainer.limit_val_batches=1",
+    )  # fmt: skip
+    _check_compiled_run(*run)
+    # Dynamo captured the network's frames and AOTAutograd built its graphs (the backward one for the training step)
+    assert counters["stats"]["unique_graphs"] >= 2 and counters["aot_autograd"]["total"] >= 2
 
 
 @pytest.mark.long
