@@ -7,6 +7,7 @@ on. What a figure times and how to read it: BENCHMARKS.md."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import io
 import logging
@@ -39,6 +40,7 @@ from segvoc.bench.workloads import (
     write_checkpoint,
 )
 from segvoc.data.datamodule import VOCDataModule, default_num_workers
+from segvoc.data.image import read_image, read_mask
 
 log = logging.getLogger(__name__)
 
@@ -65,22 +67,35 @@ def image_sizes(paths: Sequence[Path]) -> list[list[int]]:
 
 
 # ----------------------------------------------------------------------------------------------------------- data
-def decode_in_process(dataset: Any, count: int) -> tuple[float, float, dict[str, Any]]:
+def decode_in_process(
+    dataset: Any, count: int, read: Callable[[Any, int], object] | None = None
+) -> tuple[float, float, dict[str, Any]]:
     """``count`` items of the training ``dataset`` (after 2 untimed) in this process with OpenCV on one thread:
-    ``(images/s, seconds, extra)``. OpenCV's thread count is restored afterwards."""
+    ``(images/s, seconds, extra)``. ``read(dataset, i)`` is what is timed per item (default: ``dataset[i]``, the
+    whole training sample). OpenCV's thread count is restored afterwards."""
     warmup, length = 2, len(dataset.ids)
+    read = read or (lambda data, i: data[i])
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)  # one core: OpenCV's own thread pool off (set here, in the main process only)
     try:
         for i in range(warmup):
-            dataset[i % length]
+            read(dataset, i % length)
         start = time.perf_counter()
         for i in range(warmup, warmup + count):
-            dataset[i % length]
+            read(dataset, i % length)
         seconds = time.perf_counter() - start
     finally:
         cv2.setNumThreads(threads)
     return count / seconds, seconds, {"images": count, "opencv_threads": 1}
+
+
+def read_image_only(dataset: Any, index: int) -> object:
+    return read_image(dataset.paths(index)[0])
+
+
+def read_image_and_mask(dataset: Any, index: int) -> object:
+    image_path, mask_path = dataset.paths(index)
+    return read_image(image_path), read_mask(mask_path)
 
 
 def decode_through_loader(
@@ -144,6 +159,14 @@ def measure_data(bench: Bench) -> None:
             lambda: decode_through_loader(datamodule, batch, all_workers, sizes.loader_images, sizes.loader_epochs),
         ),
     ]
+    # what the augmentation is weighed against: the decoding alone, one process on one core
+    baselines = [
+        ("JPEG decode alone", read_image_only),
+        ("JPEG decode + mask read", read_image_and_mask),
+    ]
+    for name, read in baselines:
+        run = functools.partial(decode_in_process, dataset, sizes.data_items, read)
+        report.measure("data", f"{name}, one process on one core", "images/s", run, common, False)
     for name, run in figures:
         report.measure("data", f"decode + train augmentation, {name}", "images/s", run, common, False)
 
