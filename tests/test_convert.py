@@ -257,6 +257,7 @@ def test_output_stride_option(seed_file: Path, tmp_path: Path, capsys: pytest.Ca
     assert meta["net"]["output_stride"] == 8 and net.backbone.output_stride == 8
 
 
+@pytest.mark.slow  # python -m segvoc.convert in its own process: the entry point's one subprocess test
 def test_missing_input_exits_with_a_message(tmp_path: Path) -> None:
     missing = tmp_path / "nope.pth"
     result = subprocess.run(

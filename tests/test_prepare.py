@@ -412,6 +412,7 @@ def test_count_warning_only_when_official_lists_give_another_count(
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
+@pytest.mark.slow  # python -m segvoc.data.prepare in its own process
 def test_help_runs_as_a_module() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "segvoc.data.prepare", "sbd", "--help"],
