@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -92,22 +93,73 @@ def random_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def onnx_model(random_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``random_checkpoint`` exported to ONNX once for the session (an export takes seconds). Read-only."""
-    pytest.importorskip("onnxruntime")
-    from segvoc.checkpoints.load import load_model
-    from segvoc.tasks.export import export_onnx
-
-    net, meta = load_model(random_checkpoint)
-    return export_onnx(net, meta, tmp_path_factory.mktemp("onnx") / "model.onnx")
-
-
-@pytest.fixture(scope="session")
 def voc_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small VOC-layout tree (12 train, 4 val images) under ``<root>/VOCdevkit/VOC2012``."""
     root = tmp_path_factory.mktemp("voc")
     make_demo_voc(root, n_train=12, n_val=4, seed=3)
     return root
+
+
+@dataclass(frozen=True)
+class ExportedModels:
+    """``trained_checkpoint`` exported once for the session: the checkpoint, its fp32 ONNX file, the int8 ONNX file
+    the accuracy gate let through, and what the export command printed."""
+
+    ckpt: Path
+    onnx: Path
+    int8: Path
+    log: str
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(voc_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A DeepLabV3+ trained for 6 steps on ``voc_root``'s tiny tree: what the exported-model and int8 tests export
+    and score. Its val mIoU (about 0.18) is the background class's: in eval mode it predicts background on every
+    pixel of the demo images, so tests that compare its exports check logits, not only masks. Read-only."""
+    from segvoc.tasks.train import train
+
+    run = tmp_path_factory.mktemp("trained")
+    cfg = compose_config(
+        [
+            f"data.root={voc_root}", "data.download=false", "data.num_workers=0", "data.batch_size=4",
+            "data.crop_size=96", "model.net.pretrained=false", "trainer.accelerator=cpu", "trainer.max_steps=6",
+            "trainer.val_check_interval=3", "trainer.enable_progress_bar=false", "~callbacks.model_summary",
+            "optimizer=adamw", "optimizer.lr=2e-3", f"output_dir={run}",
+        ]
+    )  # fmt: skip
+    train(cfg)
+    return run / "checkpoints" / "last.ckpt"
+
+
+def export_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``python -m segvoc.export args`` in ``cwd`` as a user would; stdout and stderr captured as text."""
+    command = [sys.executable, "-m", "segvoc.export", *args]
+    return subprocess.run(command, cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def exported_models(
+    trained_checkpoint: Path, voc_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> ExportedModels:
+    """``trained_checkpoint`` through the export command once for the session (an ONNX export takes half a minute
+    on 2 cores): ``python -m segvoc.export ... quantize=int8`` writes the fp32 ONNX file after its parity check on
+    the default ``check_shapes``, then the int8 file after the accuracy gate. Read-only: tests write elsewhere."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    cwd = tmp_path_factory.mktemp("export")
+    output = cwd / "exported" / "model.onnx"
+    result = export_cli(
+        f"ckpt={trained_checkpoint}", f"output={output}", "quantize=int8", f"data.root={voc_root}",
+        "data.download=false", "data.num_workers=0", "calibration.num_images=4", cwd=cwd,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return ExportedModels(trained_checkpoint, output, output.with_suffix(".int8.onnx"), result.stdout + result.stderr)
+
+
+@pytest.fixture(scope="session")
+def onnx_model(exported_models: ExportedModels) -> Path:
+    """The session's fp32 ONNX file (``exported_models``), for tests that need any exported model. Read-only."""
+    return exported_models.onnx
 
 
 def compose_config(overrides: list[str], config_name: str = "train", return_hydra_config: bool = False) -> DictConfig:

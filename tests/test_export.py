@@ -1,10 +1,10 @@
-"""Export to ONNX and TorchScript: dynamic sizes, parity with PyTorch, meta in the file, the CLI and its errors."""
+"""Export to ONNX and TorchScript: dynamic sizes, parity with PyTorch, meta in the file, the CLI and its errors.
+The ONNX checks read the session's one export of the tiny trained model (``exported_models`` in conftest.py)."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,9 +20,8 @@ from segvoc.errors import SegvocError
 from segvoc.models.deeplab import deeplabv3plus_mobilenet
 from segvoc.palette import VOC_CLASSES
 from segvoc.tasks.export import compare, run
-from tests.conftest import compose_config
+from tests.conftest import ExportedModels, compose_config, export_cli
 
-REPO = Path(__file__).resolve().parents[1]
 # Sizes other than the export's example input (2x3x224x224), odd so that every stride rounds.
 OTHER_SHAPES = [(1, 3, 97, 131), (3, 3, 160, 224)]
 
@@ -44,26 +43,9 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def export_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "segvoc.export", *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def onnx_export(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """Export ``checkpoint`` through the CLI once: ``(model.onnx, the CLI's output)``."""
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    cwd = tmp_path_factory.mktemp("cli")
-    output = cwd / "exported" / "model.onnx"
-    result = export_cli(f"ckpt={checkpoint}", "format=onnx", f"output={output}", cwd=cwd)
-    assert result.returncode == 0, result.stderr
-    return output, result.stdout + result.stderr
-
-
-def test_cli_exports_onnx_and_reports_parity(onnx_export: tuple[Path, str]) -> None:
-    output, log = onnx_export
+def test_cli_exports_onnx_and_reports_parity(exported_models: ExportedModels) -> None:
+    # the session's one ONNX export ran the command as a user does: python -m segvoc.export ckpt=... output=...
+    output, log = exported_models.onnx, exported_models.log
     assert output.is_file()
     assert "Parity on random 2x3x97x131" in log and "Parity on random 1x3x375x500" in log
     overall = re.search(r"Parity overall: max \|logit diff\| (\S+), identical argmax ([\d.]+)%", log)
@@ -74,9 +56,9 @@ def test_cli_exports_onnx_and_reports_parity(onnx_export: tuple[Path, str]) -> N
 
 
 @pytest.mark.parametrize("shape", OTHER_SHAPES)
-def test_onnx_net_matches_pytorch_at_other_sizes(onnx_export: tuple[Path, str], checkpoint: Path, shape) -> None:
-    net, _ = load_model(checkpoint)
-    onnx_net = OnnxNet(onnx_export[0])
+def test_onnx_net_matches_pytorch_at_other_sizes(exported_models: ExportedModels, shape) -> None:
+    net, _ = load_model(exported_models.ckpt)
+    onnx_net = OnnxNet(exported_models.onnx)
     images = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     assert onnx_net(images).shape == (shape[0], 21, *shape[2:])
     parity = compare(net, onnx_net, images)
@@ -84,12 +66,12 @@ def test_onnx_net_matches_pytorch_at_other_sizes(onnx_export: tuple[Path, str], 
     assert parity.max_abs_diff < 1e-3
 
 
-def test_onnx_model_declares_dynamic_inputs_and_keeps_the_meta(onnx_export: tuple[Path, str], checkpoint) -> None:
-    onnx_net = OnnxNet(onnx_export[0])
+def test_onnx_model_declares_dynamic_inputs_and_keeps_the_meta(exported_models: ExportedModels) -> None:
+    onnx_net = OnnxNet(exported_models.onnx)
     (inputs,), (outputs,) = onnx_net.session.get_inputs(), onnx_net.session.get_outputs()
     assert (inputs.name, inputs.shape) == ("images", ["batch", 3, "height", "width"])
     assert (outputs.name, outputs.shape) == ("logits", ["batch", 21, "height", "width"])
-    _, meta = load_model(checkpoint)
+    _, meta = load_model(exported_models.ckpt)
     assert onnx_net.meta == meta
     assert onnx_net.meta["class_names"] == list(VOC_CLASSES)
 
@@ -130,14 +112,15 @@ def test_torchscript_export_checks_images_and_runs_at_other_sizes(checkpoint: Pa
 
 def test_failed_parity_exits_1_with_a_message_and_no_traceback(checkpoint: Path, tmp_path: Path) -> None:
     # No export reaches an agreement above 100%, so this exercises the failure path on a correct export.
+    ckpt = shutil.copy(checkpoint, tmp_path / "model.ckpt")  # output=null writes beside it: not into the fixture
     result = export_cli(
-        f"ckpt={checkpoint}", "format=torchscript", "min_agreement=1.01", "check_shapes=[[1,3,33,47]]", cwd=tmp_path
+        f"ckpt={ckpt}", "format=torchscript", "min_agreement=1.01", "check_shapes=[[1,3,33,47]]", cwd=tmp_path
     )
     assert result.returncode == 1
     output = result.stdout + result.stderr  # logged like train.py's errors (Hydra's console handler and the log)
     assert "reproduces PyTorch's prediction on only" in output and "min_agreement=1.01" in output
     assert "Traceback" not in output
-    assert (checkpoint.parent / "model.pt").is_file()  # output=null: next to the checkpoint
+    assert (tmp_path / "model.pt").is_file()  # output=null: next to the checkpoint
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """int8 quantisation and the accuracy gate of ``python -m segvoc.export ... quantize=int8``, and scoring exported
-models with ``train=false``: a tiny trained model is exported once (fp32 ONNX, TorchScript, int8 ONNX) and every
-test reads those files."""
+models with ``train=false``: every test reads the session's tiny trained model and its exports (fp32 and int8 ONNX
+through the export command, ``exported_models`` in conftest.py; TorchScript here), and writes elsewhere."""
 
 from __future__ import annotations
 
@@ -18,29 +18,12 @@ from segvoc.errors import SegvocError
 from segvoc.tasks.evaluate import evaluate
 from segvoc.tasks.export import run as export
 from segvoc.tasks.quantize import calibration_images, excluded_nodes
-from segvoc.tasks.train import train
-from tests.conftest import compose_config
+from tests.conftest import ExportedModels, compose_config
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-pytestmark = pytest.mark.slow  # a tiny training run and an ONNX export (about a minute on 2 cores)
-
-
-@pytest.fixture(scope="module")
-def trained(voc_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A DeepLabV3+ trained for a few steps on the tiny VOC tree: its predictions follow the images."""
-    run = tmp_path_factory.mktemp("trained")
-    cfg = compose_config(
-        [
-            f"data.root={voc_root}", "data.download=false", "data.num_workers=0", "data.batch_size=4",
-            "data.crop_size=96", "model.net.pretrained=false", "trainer.accelerator=cpu", "trainer.max_steps=6",
-            "trainer.val_check_interval=3", "trainer.enable_progress_bar=false", "~callbacks.model_summary",
-            "optimizer=adamw", "optimizer.lr=2e-3", f"output_dir={run}",
-        ]
-    )  # fmt: skip
-    train(cfg)
-    return run / "checkpoints" / "last.ckpt"
+pytestmark = pytest.mark.slow  # the session's tiny training run and ONNX export (about a minute on 2 cores)
 
 
 def export_config(ckpt: Path, voc_root: Path, *overrides: str):
@@ -54,12 +37,15 @@ def export_config(ckpt: Path, voc_root: Path, *overrides: str):
 
 
 @pytest.fixture(scope="module")
-def exported(trained: Path, voc_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The trained model as fp32 ONNX, int8 ONNX (through the gate) and TorchScript."""
+def exported(
+    exported_models: ExportedModels, voc_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """The trained model as fp32 ONNX and int8 ONNX (through the gate: the session's ``python -m segvoc.export ...
+    quantize=int8``) and as TorchScript (exported here). Read-only."""
     out = tmp_path_factory.mktemp("exported")
-    export(export_config(trained, voc_root, f"output={out / 'model.onnx'}", "quantize=int8"))
-    export(export_config(trained, voc_root, f"output={out / 'model.pt'}", "format=torchscript"))
-    return {"ckpt": trained, "onnx": out / "model.onnx", "int8": out / "model.int8.onnx", "pt": out / "model.pt"}
+    export(export_config(exported_models.ckpt, voc_root, f"output={out / 'model.pt'}", "format=torchscript"))
+    models = exported_models
+    return {"ckpt": models.ckpt, "onnx": models.onnx, "int8": models.int8, "pt": out / "model.pt"}
 
 
 def test_int8_model_is_written_with_the_meta_and_quantised_weights(exported: dict[str, Path]) -> None:
@@ -89,9 +75,7 @@ def test_int8_model_predicts_through_predict_py(exported: dict[str, Path], voc_r
     assert agree > 0.9  # int8 predicts what fp32 predicts on most pixels
 
 
-def test_export_prints_the_gate_table(
-    trained: Path, voc_root: Path, exported: dict[str, Path], tmp_path: Path, caplog
-) -> None:
+def test_export_prints_the_gate_table(voc_root: Path, exported: dict[str, Path], tmp_path: Path, caplog) -> None:
     # quantising an existing fp32 .onnx: no PyTorch row, the fp32 and int8 rows with sizes
     with caplog.at_level(logging.INFO, logger="segvoc.tasks.export"):
         export(export_config(exported["onnx"], voc_root, "quantize=int8", f"int8_output={tmp_path / 'q.onnx'}"))
@@ -154,7 +138,7 @@ def test_exported_models_score_like_the_checkpoint(exported: dict[str, Path], ma
     assert scores["onnx"] == pytest.approx(scores["ckpt"], abs=1e-3)
     assert scores["pt"] == pytest.approx(scores["ckpt"], abs=1e-3)
     assert scores["onnx"] - scores["int8"] <= 0.01 + 1e-9  # what the gate (max_miou_drop=1.0 point) let through
-    assert scores["ckpt"] > 0.05  # a model that learned something, so the comparisons mean something
+    assert scores["ckpt"] > 0.05  # scored on real masks (the tiny model's mIoU is its background class's)
 
 
 def test_exported_models_score_with_multi_scale_and_flip(exported: dict[str, Path], make_cfg) -> None:
