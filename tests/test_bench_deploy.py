@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
+import segvoc.tasks.export
 from segvoc.bench.__main__ import main, parse_args
 from segvoc.bench.sections import SECTIONS
+from segvoc.checkpoints.exported import OnnxNet
 from segvoc.data.datamodule import default_num_workers
+from tests.conftest import ExportedModels
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -24,11 +29,25 @@ def test_deploy_runs_only_when_asked_for() -> None:
     assert parse_args(["--sections", "deploy,flops"]).sections == ["flops", "deploy"]
 
 
-@pytest.mark.slow  # an ONNX export and an int8 quantisation (about a minute on 2 cores)
-def test_deploy_section_records_latency_speed_ups_and_sizes(tmp_path: Path) -> None:
+@pytest.mark.slow  # an int8 quantisation and the latency runs (about 20 s on 2 cores), after the session's export
+def test_deploy_section_records_latency_speed_ups_and_sizes(
+    exported_models: ExportedModels, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The section's fp32 export is the session's one (half a minute on 2 cores, checked by test_export.py): the same
+    # network (DeepLabV3+, 21 classes, OS16) with trained instead of random weights. Its checkpoint, quantisation,
+    # latency runs and file sizes are the section's own.
+    exports = []
+
+    def session_export(net: torch.nn.Module, meta: dict, path: str | Path, opset: int | None = 18) -> Path:
+        assert meta["net"] == OnnxNet(exported_models.onnx).meta["net"]  # the network the section would export
+        exports.append(Path(shutil.copyfile(exported_models.onnx, path)))
+        return exports[-1]
+
+    monkeypatch.setattr(segvoc.tasks.export, "export_onnx", session_export)
     out = tmp_path / "bench.json"
     main(["--short", "--device", "cpu", "--sections", "deploy", "--crop-size", "65", "--image-size", "96x72",
           "--json", str(out)])  # fmt: skip
+    assert len(exports) == 1  # the section asked for its export, and got the session's
     results = {r["name"]: r for r in json.loads(out.read_text())["results"]}
     failed = {name: r["note"] for name, r in results.items() if r["value"] is None}
     assert not failed
