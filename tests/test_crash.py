@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +23,23 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from segvoc.errors import SegvocError
 from segvoc.tasks.train import build_trainer, train
 from segvoc.training.checkpoint_io import AtomicCheckpointIO
-from tests.conftest import child_env, compose_config, shrunk_overrides
+from tests.conftest import REPO, child_env, compose_config, run_main, shrunk_overrides
+from tests.test_sweep import one_compute_thread
 
-REPO = Path(__file__).resolve().parents[1]
 # given on every command line here, so the expected learning rates do not depend on the config files' defaults
 BASE_LR = 0.02
 POWER = 0.8
 POLY_STEPS = 100  # scheduler.total_iters, beyond max_steps so that the final learning rate is not 0
 SCHEDULE = (f"optimizer.lr={BASE_LR}", f"scheduler.power={POWER}", f"scheduler.total_iters={POLY_STEPS}")
+# Validations only write checkpoints here: on 64-pixel centre crops, without Lightning's sanity check before training
+CHEAP_VALIDATION = ("data.crop_val=true", "+trainer.num_sanity_val_steps=0")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_compute_thread() -> Iterator[None]:
+    """One torch thread in this process and in the training processes it starts; the results do not depend on it."""
+    with one_compute_thread():
+        yield
 
 
 def poly_lr(step: int) -> float:
@@ -96,7 +106,7 @@ def lr_of(state: dict[str, Any]) -> float:
     return state["optimizer_states"][0]["param_groups"][0]["lr"]
 
 
-def train_args(voc_root: Path, *overrides: str, num_workers: int = 0) -> list[str]:
+def train_args(voc_root: Path, *overrides: str, num_workers: int = 0, val_every: int = 3) -> list[str]:
     return [
         f"data.root={voc_root}",
         "data.download=false",
@@ -107,7 +117,8 @@ def train_args(voc_root: Path, *overrides: str, num_workers: int = 0) -> list[st
         "model.net.pretrained=false",
         "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false",
-        "trainer.val_check_interval=5",
+        f"trainer.val_check_interval={val_every}",
+        *CHEAP_VALIDATION,
         *SCHEDULE,
         "~callbacks.model_summary",
         "seed=7",
@@ -203,6 +214,7 @@ def test_training_that_cannot_write_its_checkpoints_stops_with_the_folder(make_c
     folder = blocker / "checkpoints"
     cfg = make_cfg(
         "trainer.max_steps=2",
+        *CHEAP_VALIDATION,
         f"callbacks.model_checkpoint.dirpath={folder}",
         f"callbacks.last_checkpoint.dirpath={folder}",
     )
@@ -249,13 +261,23 @@ def test_every_trainer_writes_through_the_atomic_plugin(make_cfg, plugins: str |
 # --- Ctrl-C, in process: the saved state is exactly that of an uninterrupted run at the same step ---------------
 
 
-COMMON = ("data.crop_size=64", "data.batch_size=2", "trainer.max_steps=15", "trainer.val_check_interval=5", *SCHEDULE)
-STEPS = [3, 7, 10]  # before the first validation, between two, at one
+MAX_STEPS, VAL_EVERY = 9, 3
+COMMON = (
+    "data.crop_size=64",
+    "data.batch_size=2",
+    f"trainer.max_steps={MAX_STEPS}",
+    f"trainer.val_check_interval={VAL_EVERY}",
+    *CHEAP_VALIDATION,
+    *SCHEDULE,
+)
+# before the first validation, at one, between two (12 images in batches of 2: none at an epoch's last step, 6)
+STEPS = [2, 3, 4]
 
 
 @pytest.fixture(scope="module")
 def reference(voc_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One uninterrupted 15-step run that saves its whole state at each of ``STEPS``: ``<folder>/step<N>.ckpt``."""
+    """One uninterrupted run of ``MAX_STEPS`` steps that saves its whole state at each of ``STEPS``:
+    ``<folder>/step<N>.ckpt``; every step's parametrisation compares with it."""
     folder = tmp_path_factory.mktemp("reference")
     cfg = compose_config(
         [
@@ -273,7 +295,7 @@ def reference(voc_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # between two validations in the default run; before the first one and at one with --run-slow
-@pytest.mark.parametrize("step", [pytest.param(3, marks=pytest.mark.slow), 7, pytest.param(10, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("step", [pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow), 4])
 def test_ctrl_c_saves_the_state_of_the_finished_step(
     make_cfg, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: int
 ) -> None:
@@ -315,54 +337,52 @@ def test_ctrl_c_saves_the_state_of_the_finished_step(
     assert lr_of(interrupted) == pytest.approx(poly_lr(step), rel=1e-9)
 
     train(make_cfg(*COMMON, f"ckpt_path={last}"))
-    assert load(last)["global_step"] == 15
+    assert load(last)["global_step"] == MAX_STEPS
     assert sorted(os.listdir(last.parent)) == ["best.ckpt", "last.ckpt"]  # no versioned last-v1.ckpt
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
-    # validations after steps 5, 10 and 15: none skipped or repeated across the interruption
-    assert [e.step for e in events.Scalars("val/mIoU")] == [4, 9, 14]
+    # validations after steps 3, 6 and 9 (logged at steps 2, 5, 8): none skipped or repeated across the interruption
+    assert [e.step for e in events.Scalars("val/mIoU")] == [2, 5, 8]
 
 
 # --- real processes --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_loses_at_most_one_validation_interval(voc_root: Path, tmp_path: Path) -> None:
+def test_kill_9_then_resume_loses_at_most_one_validation_interval(
+    voc_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     run, paused, log = tmp_path / "run", tmp_path / "paused", tmp_path / "train.log"
     last = run / "checkpoints" / "last.ckpt"
-    args = train_args(voc_root, "trainer.max_steps=20")
-    pause = [
-        "+callbacks.pause._target_=tests.test_crash.PauseAt",
-        "+callbacks.pause.step=13",
-        f"+callbacks.pause.path={paused}",
-    ]
-    proc = start_train([*args, f"hydra.run.dir={run}", *pause], tmp_path, log)
+    args = train_args(voc_root, "trainer.max_steps=9")
+    proc = start_train([*args, f"hydra.run.dir={run}", *pause_at(8, paused)], tmp_path, log)
     try:
-        wait_for(paused, proc, log)  # at step 13: checkpoints written after the validations at 5 and 10
+        wait_for(paused, proc, log)  # at step 8: checkpoints written after the validations at 3 and 6
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         proc.kill()
     state = load(last)  # complete, not truncated
-    assert state["global_step"] == 10  # three steps lost: less than one validation interval
-    assert state["lr_schedulers"][0]["last_epoch"] == 10
-    assert lr_of(state) == pytest.approx(poly_lr(10), rel=1e-9)
+    assert state["global_step"] == 6  # two steps lost: less than one validation interval
+    assert state["lr_schedulers"][0]["last_epoch"] == 6
+    assert lr_of(state) == pytest.approx(poly_lr(6), rel=1e-9)
     assert all(name.startswith(".") and name.endswith(".tmp") for name in temporary_files(last.parent))
 
-    resumed = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args, f"ckpt_path={last}"],  # continues in the same run dir
-        cwd=tmp_path,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # the resume is train.py's answer, in this process (the kill needed a process of its own; the resume does not)
+    killed_runs_events = set(run.rglob("events.out.tfevents.*"))
+    status, output = run_main("train.py", [*args, f"ckpt_path={last}"], tmp_path, monkeypatch, capsys)
+    assert status == 0, output[-3000:]  # it continued in the same run dir: last.ckpt there is the resumed run's
     final = load(last)
-    assert final["global_step"] == 20
-    assert final["lr_schedulers"][0]["last_epoch"] == 20
-    assert lr_of(final) == pytest.approx(poly_lr(20), rel=1e-9)  # what an uninterrupted run ends with
+    assert final["global_step"] == 9
+    assert final["lr_schedulers"][0]["last_epoch"] == 9
+    assert lr_of(final) == pytest.approx(poly_lr(9), rel=1e-9)  # what an uninterrupted run ends with
     assert temporary_files(last.parent) == []
+    # it went on from step 6, not from the start (which would end with the same step, schedule and learning rate):
+    # its own TensorBoard stream holds the one validation left, after step 9
+    (resumed_events,) = set(run.rglob("events.out.tfevents.*")) - killed_runs_events
+    events = EventAccumulator(str(resumed_events))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/mIoU")] == [8]
 
 
 @pytest.mark.slow
@@ -370,17 +390,14 @@ def test_ctrl_c_in_a_terminal_saves_last_ckpt_and_exits(voc_root: Path, tmp_path
     run, log = tmp_path / "run", tmp_path / "train.log"
     last = run / "checkpoints" / "last.ckpt"
     paused = tmp_path / "paused"
-    pause = [
-        "+callbacks.pause._target_=tests.test_crash.PauseAt",
-        "+callbacks.pause.step=7",
-        f"+callbacks.pause.path={paused}",
-    ]
-    args = train_args(voc_root, "trainer.max_steps=1000", f"hydra.run.dir={run}", *pause, num_workers=1)
+    args = train_args(
+        voc_root, "trainer.max_steps=1000", f"hydra.run.dir={run}", *pause_at(3, paused), num_workers=1, val_every=2
+    )
     # its own process group, so that the signal reaches the DataLoader worker too, as a terminal's Ctrl-C does
     proc = start_train(args, tmp_path, log, start_new_session=True)
     try:
-        wait_for(paused, proc, log)  # at step 7, after the validation (and checkpoint) at step 5
-        validated = 5
+        wait_for(paused, proc, log)  # at step 3, after the validation (and checkpoint) at step 2
+        validated = 2
         os.killpg(proc.pid, signal.SIGINT)
         returncode = proc.wait(timeout=60)
     finally:
@@ -388,7 +405,7 @@ def test_ctrl_c_in_a_terminal_saves_last_ckpt_and_exits(voc_root: Path, tmp_path
     output = log.read_text()
     assert returncode == 1, output[-3000:]
     state = load(last)
-    assert state["global_step"] in (7, 8) and state["global_step"] > validated  # the running step is finished
+    assert state["global_step"] in (3, 4) and state["global_step"] > validated  # the running step is finished
     assert f"saved {last} at step {state['global_step']}" in output
     assert "Traceback" not in output
     assert state["lr_schedulers"][0]["last_epoch"] == state["global_step"]

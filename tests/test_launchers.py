@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from segvoc.tasks.sweep import summarize
-from tests.conftest import REPO, compose_config, run_script
-from tests.test_sweep import SHRINK
+from tests.conftest import REPO, compose_config, run_main
+from tests.test_sweep import GRID, SHRINK, basic_multirun, one_compute_thread
 
 
 class Submitted(Exception):
@@ -61,26 +61,13 @@ def job_results(sweep: Path) -> dict[str, dict]:
     return {job.name: json.loads((Path(job.dir) / "result.json").read_text()) for job in results.jobs}
 
 
-GRID = ["experiment=demo", "optimizer.lr=0.002,0.001", *SHRINK]
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
     """One compute thread in every job: joblib's workers get one (cores / jobs) and a thread count changes the order
-    of float sums, so the launchers' results would differ in their last digits, and then after a few steps more."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
+    of float sums, so the launchers' results would differ in their last digits, and then after a few steps more.
+    (The basic launcher's sweep, ``basic_multirun``, runs its jobs on one thread too.)"""
+    with one_compute_thread():
         yield
-
-
-@pytest.fixture(scope="module")
-def basic_sweep(one_thread: None, voc_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    sweep = tmp_path_factory.mktemp("basic") / "sweep"
-    status, output = run_script(
-        "train.py", ["-m", *GRID, f"data.root={voc_root}", f"hydra.sweep.dir={sweep}"], sweep.parent
-    )
-    assert status == 0, output[-3000:]
-    return job_results(sweep)
 
 
 @pytest.mark.slow
@@ -94,13 +81,20 @@ def basic_sweep(one_thread: None, voc_root: Path, tmp_path_factory: pytest.TempP
     ids=["submitit_local", "joblib"],
 )
 def test_parallel_launchers_give_the_basic_launchers_results(
-    launcher: list[str], basic_sweep: dict[str, dict], voc_root: Path, tmp_path: Path
+    launcher: list[str],
+    voc_root: Path,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    basic_sweep = job_results(basic_multirun(voc_root, tmp_path_factory, monkeypatch, capsys)[0])
     sweep = tmp_path / "sweep"
     args = ["-m", *GRID, *launcher, f"data.root={voc_root}", f"hydra.sweep.dir={sweep}"]
-    status, output = run_script("train.py", args, tmp_path)
+    # the sweep's own process is this one; the launcher runs each job in a process it starts (the thing tested)
+    status, output = run_main("train.py", args, tmp_path, monkeypatch, capsys)
     assert status == 0, output[-3000:]
     results = job_results(sweep)
     assert sorted(results) == sorted(basic_sweep) == ["lr=0.001", "lr=0.002"]

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from segvoc.tasks.sweep import NO_RESULT, SweepSummary, main, summarize, write_summary
-from tests.conftest import compose_config, run_script
+from tests.conftest import compose_config, run_main
 
 HYDRA_LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job_logging default
 
@@ -169,17 +174,61 @@ def test_callback_is_registered() -> None:
     assert [c._target_ for c in cfg.hydra.callbacks.values()] == ["segvoc.tasks.sweep.SweepSummary"]
 
 
-SHRINK = [  # tests/test_train.py's multirun shrink: a few seconds per job on a CPU
+SHRINK = [  # a second or two per job on a CPU: 2 steps on 64-pixel crops, one validation on 64-pixel centre crops
     "data.num_workers=0",
     "data.crop_size=64",
+    "data.crop_val=true",
     "data.batch_size=2",
     "data.val_batch_size=2",
     "trainer.accelerator=cpu",
     "trainer.max_steps=2",
     "trainer.val_check_interval=2",
+    "+trainer.num_sanity_val_steps=0",
     "trainer.enable_progress_bar=false",
     "~callbacks.model_summary",
 ]
+# the basic launcher's sweep: the reference of tests/test_launchers.py, and tests/test_train.py's multirun
+GRID = ["experiment=demo", "optimizer.lr=0.002,0.001", *SHRINK]
+
+
+@contextlib.contextmanager
+def one_compute_thread() -> Iterator[None]:
+    """One torch thread in this process, and in the processes it starts (``OMP_NUM_THREADS``), while the block runs.
+    On two shared cores two threads of a process wait on each other: a training step took 5x as long as on one. A
+    thread count changes the order of float sums, so runs compared to the last digits must have the same count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("OMP_NUM_THREADS", "1")
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def basic_multirun(
+    voc_root: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> tuple[Path, str]:
+    """``python train.py -m <GRID>`` on Hydra's basic launcher, run once a session (in this process, by the first
+    test that asks; the jobs of that launcher run in its process anyway) and shared read-only by the tests of three
+    modules: ``(sweep folder, what the command printed)``. One compute thread, as the other launchers' workers of
+    tests/test_launchers.py have, whose results must equal these to the last digits."""
+    folder = tmp_path_factory.getbasetemp() / "basic_multirun"
+    printed = folder / "printed.txt"
+    if not printed.is_file():  # a module-level cache would not do: tests/test_*.py are imported twice, by name
+        shutil.rmtree(folder, ignore_errors=True)  # what a failed first try left
+        folder.mkdir()
+        args = ["-m", *GRID, f"data.root={voc_root}", f"hydra.sweep.dir={folder / 'sweep'}"]
+        with one_compute_thread():
+            status, output = run_main("train.py", args, folder, monkeypatch, capsys)
+        assert status == 0, output[-3000:]
+        temporary = printed.with_suffix(".tmp")
+        temporary.write_text(output)
+        os.replace(temporary, printed)
+    return folder / "sweep", printed.read_text()
 
 
 def check_sweep(sweep: Path, output: str, n_jobs: int) -> list[dict]:
@@ -206,11 +255,13 @@ def check_sweep(sweep: Path, output: str, n_jobs: int) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_multirun_writes_results_and_a_summary(voc_root: Path, tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep"
-    args = ["-m", "experiment=demo", "optimizer.lr=0.002,0.001", f"data.root={voc_root}", *SHRINK]
-    status, output = run_script("train.py", [*args, f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
-    assert status == 0, output[-3000:]
+def test_multirun_writes_results_and_a_summary(
+    voc_root: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sweep, output = basic_multirun(voc_root, tmp_path_factory, monkeypatch, capsys)
     jobs = check_sweep(sweep, output, n_jobs=2)
     assert sorted(o for job in jobs for o in job["overrides"] if o.startswith("optimizer.lr")) == [
         "optimizer.lr=0.001",
@@ -221,15 +272,20 @@ def test_multirun_writes_results_and_a_summary(voc_root: Path, tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_optuna_search_runs_trials_and_summarises_them(voc_root: Path, tmp_path: Path) -> None:
+def test_optuna_search_runs_trials_and_summarises_them(
+    voc_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "sweep"
     args = ["-m", "+hparams_search=voc_optuna", "experiment=demo", f"data.root={voc_root}", *SHRINK]
     # the objective is the config's optimized_metric (here the last val/loss, minimised), not a fixed best mIoU
     objective = ["optimized_metric=val/loss", "hydra.sweeper.direction=minimize"]
-    status, output = run_script(
-        "train.py", [*args, *objective, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}"], cwd=tmp_path
-    )
+    # in this process: the trials run in the sweeper's process, one after the other, whatever process that is
+    with one_compute_thread():
+        status, output = run_main(
+            "train.py", [*args, *objective, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}"], tmp_path,
+            monkeypatch, capsys,
+        )  # fmt: skip
     assert status == 0, output[-3000:]
     jobs = check_sweep(sweep, output, n_jobs=2)
     optuna_result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())

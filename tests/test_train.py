@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -13,7 +14,15 @@ from torch import nn
 
 from segvoc.models.backbone import InputPaddedBlock
 from segvoc.tasks.train import train
-from tests.conftest import closed_port, compose_config, run_script
+from tests.conftest import closed_port, compose_config, run_main
+from tests.test_sweep import basic_multirun, one_compute_thread
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_compute_thread() -> Iterator[None]:
+    """One torch thread for the training in this process (a third of the time on two shared cores)."""
+    with one_compute_thread():
+        yield
 
 
 def scalars(run_dir: Path) -> dict[str, list[float]]:
@@ -151,37 +160,29 @@ def test_learning_lowers_the_loss_on_a_few_images(make_cfg) -> None:
     assert last < 0.6 * first, losses
 
 
-@pytest.mark.slow  # train.py's one test in its own process
-def test_train_without_data_or_network_ends_with_a_clear_message(tmp_path: Path) -> None:
+def test_train_without_data_or_network_ends_with_a_clear_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # train.py's answer, in this process (its own process is started by tests/test_crash.py and tests/test_ddp.py)
     with closed_port() as port:
         url = f"http://127.0.0.1:{port}/VOCtrainval_11-May-2012.tar"
-        status, output = run_script("train.py", [f"data.root={tmp_path / 'data'}", f"data.url={url}"], cwd=tmp_path)
+        args = [f"data.root={tmp_path / 'data'}", f"data.url={url}"]
+        status, output = run_main("train.py", args, tmp_path, monkeypatch, capsys)
     assert status == 1
     assert "data.root" in output and "data.tar_path" in output
     assert "Traceback" not in output
 
 
 @pytest.mark.slow
-def test_multirun_writes_one_directory_per_job(voc_root: Path, tmp_path: Path) -> None:
-    status, output = run_script(
-        "train.py",
-        [
-            "-m",
-            "optimizer.lr=0.01,0.005",
-            f"data.root={voc_root}",
-            "data.download=false",
-            "data.num_workers=0",
-            "data.crop_size=64",
-            "data.batch_size=2",
-            "model.net.pretrained=false",
-            "trainer.accelerator=cpu",
-            "trainer.max_steps=2",
-            "trainer.val_check_interval=2",
-            "trainer.enable_progress_bar=false",
-        ],
-        cwd=tmp_path,
-    )
-    assert status == 0, output[-3000:]
-    jobs = sorted(p.parent.parent for p in (tmp_path / "outputs" / "multirun").rglob("checkpoints/last.ckpt"))
+def test_multirun_writes_one_directory_per_job(
+    voc_root: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # the two-job sweep of tests/test_sweep.py, run once for this test, that one and tests/test_launchers.py
+    sweep, _ = basic_multirun(voc_root, tmp_path_factory, monkeypatch, capsys)
+    jobs = sorted(p.parent.parent for p in sweep.rglob("checkpoints/last.ckpt"))
     assert len(jobs) == 2 and jobs[0] != jobs[1]
+    assert sorted(job.relative_to(sweep).as_posix() for job in jobs) == ["0", "1"]  # one folder of the sweep each
     assert all((job / "tensorboard").is_dir() for job in jobs)
