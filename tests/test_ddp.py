@@ -248,7 +248,19 @@ def test_torchrun_on_two_nodes(voc_root: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_srun_tasks_share_one_run(voc_root: Path, tmp_path: Path) -> None:
-    """Two tasks as ``srun`` starts them for ``--nodes=1 --ntasks-per-node=2`` (SLURM's variables, no SLURM)."""
-    srun(ddp_args(voc_root), tmp_path, tmp_path / "outputs")
-    assert_one_run(only_child(tmp_path / "outputs" / "train"))
+def test_srun_tasks_share_one_run(voc_root: Path, tmp_path: Path, make_cfg) -> None:
+    """Two tasks as ``srun`` starts them for ``--nodes=1 --ntasks-per-node=2`` (SLURM's variables, no SLURM), with
+    the weights averaged (``model.ema.decay``): each process keeps the average and validates it."""
+    srun([*ddp_args(voc_root), "model.ema.decay=0.5"], tmp_path, tmp_path / "outputs")
+    run = only_child(tmp_path / "outputs" / "train")
+    assert_one_run(run)
+    best = run / "checkpoints" / "best.ckpt"
+    state = torch.load(best, map_location="cpu", weights_only=True)
+    assert int(state["averaging_state"]["n_averaged"]) == state["global_step"] == 2
+    conv = next(k for k, v in state["state_dict"].items() if v.is_floating_point() and v.dim() == 4)
+    assert not torch.equal(state["state_dict"][conv], state["current_model_state"][conv])
+    # the validation split between the two processes scored the average in both: one process scoring best.ckpt's
+    # weights (the average) on the same crops gives the best score the run recorded
+    saved = json.loads((run / "result.json").read_text())["best_score"]
+    one = evaluate(make_cfg("train=false", f"ckpt_path={best}", "data.crop_val=true", "data.crop_size=64"))
+    assert one["mean_iou"] == pytest.approx(saved, abs=1e-6)
