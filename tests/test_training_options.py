@@ -59,7 +59,7 @@ def test_each_loss_from_the_command_line(make_cfg, tmp_path: Path, overrides, ki
 
 def test_ema_is_off_by_default(make_cfg) -> None:
     module = hydra.utils.instantiate(make_cfg().model)
-    assert module.ema == {"start_step": 0} and module.configure_callbacks() == []
+    assert module.ema == {"start_step": 0, "average_buffers": False} and module.configure_callbacks() == []
 
 
 def mirror_invariant_tree(root: Path) -> Path:
@@ -143,3 +143,10 @@ def test_gradient_accumulation_counts_optimizer_steps(make_cfg) -> None:
     assert int(state["averaging_state"]["n_averaged"]) == 2
     loops = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
     assert loops == 4  # batches
+    # the average carries the live BatchNorm statistics (averaged ones lag a from-scratch run's so far behind that
+    # the demo's EMA model predicted background only) and averages the weights
+    average, live = state["state_dict"], state["current_model_state"]
+    stats = [k for k in live if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(average[k], live[k]) for k in stats)
+    weight = stats[0].replace("running_mean", "weight")
+    assert not torch.equal(average[weight], live[weight])

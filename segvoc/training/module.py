@@ -56,9 +56,10 @@ class SegmentationModule(L.LightningModule):
     images of lowest per-image mIoU as image | truth | prediction | errors panels to
     ``<report_dir>/worst<report_tag>/`` and TensorBoard (``worst/<rank>``).
 
-    ``ema``: ``{"decay": 0.9999, "start_step": 0, "device": None}`` keeps an exponential moving average of the
-    weights during ``fit`` (``segvoc.training.ema.EMA``, returned by ``configure_callbacks``); ``decay: null`` is
-    off. ``val_confmat`` holds the whole split's confusion matrix of the last validation.
+    ``ema``: ``{"decay": 0.9999, "start_step": 0, "device": None, "average_buffers": False}`` keeps an
+    exponential moving average of the weights during ``fit`` (``segvoc.training.ema.EMA``, returned by
+    ``configure_callbacks``); ``decay: null`` is off. ``val_confmat`` holds the whole split's confusion matrix of
+    the last validation.
     """
 
     def __init__(
