@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
@@ -37,6 +38,30 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--run-slow", action="store_true", help="also run tests marked slow (processes, seconds of training); CI does"
     )
     parser.addoption("--run-long", action="store_true", help="also run tests marked long (minutes each on a CPU)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n 2``: one worker per core) each worker and the processes it starts use one torch
+    thread: two workers of two threads each on two cores would fight over them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder ``name`` that ``build(folder)`` filled, built once for the whole test run: under pytest-xdist the
+    workers share it (the first builds it under a lock, the others wait and reuse it), so a session fixture that
+    trains or exports costs its time once, not once per worker."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's folder, above each worker's own
+    folder, done = base / f"shared-{name}", base / f"shared-{name}.done"
+    with FileLock(str(base / f"shared-{name}.lock")):
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            build(folder)
+            done.touch()
+    return folder
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -94,10 +119,8 @@ def random_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def voc_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small VOC-layout tree (12 train, 4 val images) under ``<root>/VOCdevkit/VOC2012``."""
-    root = tmp_path_factory.mktemp("voc")
-    make_demo_voc(root, n_train=12, n_val=4, seed=3)
-    return root
+    """A small VOC-layout tree (12 train, 4 val images) under ``<root>/VOCdevkit/VOC2012``. Read-only."""
+    return built_once(tmp_path_factory, "voc", lambda root: make_demo_voc(root, n_train=12, n_val=4, seed=3))
 
 
 @dataclass(frozen=True)
@@ -118,17 +141,18 @@ def trained_checkpoint(voc_root: Path, tmp_path_factory: pytest.TempPathFactory)
     pixel of the demo images, so tests that compare its exports check logits, not only masks. Read-only."""
     from segvoc.tasks.train import train
 
-    run = tmp_path_factory.mktemp("trained")
-    cfg = compose_config(
-        [
-            f"data.root={voc_root}", "data.download=false", "data.num_workers=0", "data.batch_size=4",
-            "data.crop_size=96", "model.net.pretrained=false", "trainer.accelerator=cpu", "trainer.max_steps=6",
-            "trainer.val_check_interval=3", "trainer.enable_progress_bar=false", "~callbacks.model_summary",
-            "optimizer=adamw", "optimizer.lr=2e-3", f"output_dir={run}",
-        ]
-    )  # fmt: skip
-    train(cfg)
-    return run / "checkpoints" / "last.ckpt"
+    def build(run: Path) -> None:
+        cfg = compose_config(
+            [
+                f"data.root={voc_root}", "data.download=false", "data.num_workers=0", "data.batch_size=4",
+                "data.crop_size=96", "model.net.pretrained=false", "trainer.accelerator=cpu", "trainer.max_steps=6",
+                "trainer.val_check_interval=3", "trainer.enable_progress_bar=false", "~callbacks.model_summary",
+                "optimizer=adamw", "optimizer.lr=2e-3", f"output_dir={run}",
+            ]
+        )  # fmt: skip
+        train(cfg)
+
+    return built_once(tmp_path_factory, "trained", build) / "checkpoints" / "last.ckpt"
 
 
 def export_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -146,14 +170,18 @@ def exported_models(
     the default ``check_shapes``, then the int8 file after the accuracy gate. Read-only: tests write elsewhere."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    cwd = tmp_path_factory.mktemp("export")
-    output = cwd / "exported" / "model.onnx"
-    result = export_cli(
-        f"ckpt={trained_checkpoint}", f"output={output}", "quantize=int8", f"data.root={voc_root}",
-        "data.download=false", "data.num_workers=0", "calibration.num_images=4", cwd=cwd,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return ExportedModels(trained_checkpoint, output, output.with_suffix(".int8.onnx"), result.stdout + result.stderr)
+
+    def build(cwd: Path) -> None:
+        result = export_cli(
+            f"ckpt={trained_checkpoint}", f"output={cwd / 'exported' / 'model.onnx'}", "quantize=int8",
+            f"data.root={voc_root}", "data.download=false", "data.num_workers=0", "calibration.num_images=4", cwd=cwd,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        (cwd / "export.log").write_text(result.stdout + result.stderr)
+
+    cwd = built_once(tmp_path_factory, "export", build)
+    output, log = cwd / "exported" / "model.onnx", (cwd / "export.log").read_text()
+    return ExportedModels(trained_checkpoint, output, output.with_suffix(".int8.onnx"), log)
 
 
 @pytest.fixture(scope="session")

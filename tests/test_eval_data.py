@@ -28,8 +28,18 @@ def test_evaluation_takes_the_data_of_the_checkpoint_s_run(tmp_path: Path) -> No
     ckpt = _fake_run(tmp_path, {"root": "/data/mine", "val_split": "holdout", "crop_val": True})
     cfg = compose_config(["train=false", f"ckpt_path={ckpt}"])
     assert use_recorded_data(cfg, ["train=false", f"ckpt_path={ckpt}"]) == ckpt.parents[1] / ".hydra/config.yaml"
-    assert (cfg.data.root, cfg.data.val_split, cfg.data.crop_val) == ("/data/mine", "holdout", True)
+    assert (cfg.data.root, cfg.data.val_split, cfg.data.crop_size) == ("/data/mine", "holdout", 513)
+    # the protocol is not inherited: whole images, as an exported file of the same model is scored
+    assert cfg.data.crop_val is False
     assert cfg.model.num_classes == 21  # interpolations into data still resolve
+
+
+def test_the_command_line_chooses_crops_with_the_run_s_crop_size(tmp_path: Path) -> None:
+    ckpt = _fake_run(tmp_path, {"root": "/data/mine", "crop_val": True, "crop_size": 160})
+    overrides = ["train=false", f"ckpt_path={ckpt}", "data.crop_val=true"]
+    cfg = compose_config(overrides)
+    use_recorded_data(cfg, overrides)
+    assert (cfg.data.crop_val, cfg.data.crop_size) == (True, 160)
 
 
 def test_the_command_line_s_data_keys_win(tmp_path: Path) -> None:

@@ -95,11 +95,19 @@ def recorded_config(ckpt_path: str | Path) -> Path | None:
     return config if path.parent.name == "checkpoints" and config.is_file() else None
 
 
+# data keys that choose how a model is scored rather than what it is scored on: never taken from a run's record
+EVALUATION_PROTOCOL = ("crop_val",)
+
+
 def use_recorded_data(cfg: DictConfig, overrides: Sequence[str]) -> Path | None:
     """Evaluate a checkpoint on the data its run trained on: replace ``cfg.data`` by the ``data`` recorded with the
     run of ``cfg.ckpt_path`` (``recorded_config``), keeping every ``data.<key>`` the command line sets
     (``overrides``: Hydra's task overrides). Returns the record used, or ``None`` (and leaves ``cfg`` alone) when
     there is none or when the command line chooses the data itself (``data=...`` or ``experiment=...``).
+
+    The record gives the dataset, not the protocol: ``crop_val`` keeps the config's value (whole images unless the
+    command line says ``data.crop_val=true``), so a checkpoint whose run validated on crops and its exported
+    ``.onnx`` (which has no record) are scored alike by the same command.
 
     A relative recorded ``data.root`` is taken from the run's working directory (``.hydra/hydra.yaml``), so the
     evaluation finds the data from any folder.
@@ -126,7 +134,7 @@ def use_recorded_data(cfg: DictConfig, overrides: Sequence[str]) -> Path | None:
         cwd = OmegaConf.select(OmegaConf.load(hydra_record), "hydra.runtime.cwd") if hydra_record.is_file() else None
         if cwd:
             recorded.root = str(Path(cwd) / root)
-    for key in given:  # the command line's value, or its removal (~data.<key>)
+    for key in given | set(EVALUATION_PROTOCOL):  # the command line's value, or its removal (~data.<key>)
         if key in cfg.data:
             recorded[key] = cfg.data[key]
         else:
