@@ -70,14 +70,18 @@ def image_sizes(paths: Sequence[Path]) -> list[list[int]]:
 def decode_in_process(
     dataset: Any, count: int, read: Callable[[Any, int], object] | None = None
 ) -> tuple[float, float, dict[str, Any]]:
-    """``count`` items of the training ``dataset`` (after 2 untimed) in this process with OpenCV on one thread:
-    ``(images/s, seconds, extra)``. ``read(dataset, i)`` is what is timed per item (default: ``dataset[i]``, the
-    whole training sample). OpenCV's thread count is restored afterwards."""
+    """``count`` items of the training ``dataset`` in this process with OpenCV on one thread: ``(images/s, seconds,
+    extra)``. ``read(dataset, i)`` is what is timed per item (default: ``dataset[i]``, the whole training sample).
+    Untimed first: every file the run reads, once (so that each figure, whichever is measured first, reads from the
+    file cache, not the disk), and 2 items. OpenCV's thread count is restored afterwards."""
     warmup, length = 2, len(dataset.ids)
     read = read or (lambda data, i: data[i])
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)  # one core: OpenCV's own thread pool off (set here, in the main process only)
     try:
+        for i in range(min(length, warmup + count)):
+            for path in dataset.paths(i):
+                path.read_bytes()
         for i in range(warmup):
             read(dataset, i % length)
         start = time.perf_counter()
