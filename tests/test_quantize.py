@@ -17,7 +17,7 @@ from segvoc.checkpoints.load import load_model, load_predictor
 from segvoc.errors import SegvocError
 from segvoc.tasks.evaluate import evaluate
 from segvoc.tasks.export import run as export
-from segvoc.tasks.quantize import calibration_images, excluded_nodes
+from segvoc.tasks.quantize import calibration_images, excluded_nodes, quantize_int8
 from tests.conftest import ExportedModels, compose_config
 
 pytest.importorskip("onnxruntime")
@@ -58,6 +58,19 @@ def test_int8_model_is_written_with_the_meta_and_quantised_weights(exported: dic
     ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert int8.stat().st_size <= 0.3 * fp32.stat().st_size
+    # the default: uint8 activations (the fast x86 path), int8 weights
+    assert quantized_types(int8) == ({onnx.TensorProto.UINT8}, {onnx.TensorProto.INT8})
+
+
+def quantized_types(path: Path) -> tuple[set[int], set[int]]:
+    """The element types of the activations (QuantizeLinear zero points) and of the conv weights (the 4-d
+    initializers that a DequantizeLinear reads) of a QDQ model."""
+    graph = onnx.load(str(path)).graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    activations = {initializers[n.input[2]].data_type for n in graph.node if n.op_type == "QuantizeLinear"}
+    stored = [initializers.get(n.input[0]) for n in graph.node if n.op_type == "DequantizeLinear"]
+    weights = {tensor.data_type for tensor in stored if tensor is not None and len(tensor.dims) == 4}
+    return activations, weights
 
 
 def test_int8_model_predicts_through_predict_py(exported: dict[str, Path], voc_root: Path, tmp_path: Path) -> None:
@@ -102,8 +115,10 @@ def test_excluded_modules_stay_fp32(exported: dict[str, Path], voc_root: Path, t
         export_config(
             exported["onnx"], voc_root, "quantize=int8", f"int8_output={target}",
             "calibration.exclude=[head.classifier]", "calibration.method=percentile", "gate.max_images=1",
+            "calibration.activations=int8",
         )
     )  # fmt: skip
+    assert quantized_types(target) == ({onnx.TensorProto.INT8}, {onnx.TensorProto.INT8})
     graph = onnx.load(str(target)).graph
     dequantized = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
     convs = {node.input[1]: node for node in graph.node if node.op_type == "Conv"}
@@ -115,6 +130,11 @@ def test_excluded_modules_stay_fp32(exported: dict[str, Path], voc_root: Path, t
 def test_unknown_excluded_module_is_refused(exported: dict[str, Path]) -> None:
     with pytest.raises(SegvocError, match="head.clasifier"):
         excluded_nodes(onnx.load(str(exported["onnx"])), ["head.clasifier"])
+
+
+def test_unknown_activation_type_is_refused(exported: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(SegvocError, match="calibration.activations=uint4"):
+        quantize_int8(exported["onnx"], tmp_path / "q.onnx", [], activations="uint4")
 
 
 def test_calibration_images_are_normalised_whole_training_images(voc_root: Path) -> None:

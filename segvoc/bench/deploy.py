@@ -1,7 +1,7 @@
 """The bench's ``deploy`` section: batch-1 CPU latency of the deployable forms of the configured network.
 
 A checkpoint of the configured module (``workloads.write_checkpoint``) is exported to fp32 ONNX
-(``segvoc.tasks.export.export_onnx``) and quantised to int8 (``segvoc.tasks.quantize.quantize_int8`` with the
+(``segvoc.tasks.export.export_onnx``) and quantised to int8 (``segvoc.tasks.quantize.quantize_as_configured`` with the
 defaults of ``conf/export.yaml``, calibrated on the bench's training images). Each runtime then runs one normalised
 image at ``crop_size`` x ``crop_size`` and at the bench's whole landscape image size, with one CPU thread and with
 every core:
@@ -95,7 +95,7 @@ def deploy_files(bench: Bench) -> dict[str, Path]:
     from segvoc.checkpoints.load import load_model
     from segvoc.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from segvoc.tasks.export import export_onnx
-    from segvoc.tasks.quantize import calibration_images, quantize_int8
+    from segvoc.tasks.quantize import calibration_images, quantize_as_configured
 
     cfg = bench.train_config()
     ckpt = write_checkpoint(cfg, bench.workdir / "deploy.ckpt")
@@ -105,10 +105,7 @@ def deploy_files(bench: Bench) -> dict[str, Path]:
     count = 4 if bench.args.short else int(calib.num_images)
     voc = bench.voc_root / "VOCdevkit" / "VOC2012"
     images = calibration_images(voc, cfg.data.train_split, count, IMAGENET_MEAN, IMAGENET_STD)
-    int8 = quantize_int8(
-        fp32, bench.workdir / "deploy.int8.onnx", images, method=str(calib.method), exclude=list(calib.exclude),
-        percentile=float(calib.percentile), per_channel=bool(calib.per_channel),
-    )  # fmt: skip
+    int8 = quantize_as_configured(fp32, bench.workdir / "deploy.int8.onnx", images, calib)
     return {"checkpoint": ckpt, "fp32 ONNX": fp32, "int8 ONNX": int8}
 
 

@@ -258,7 +258,7 @@ def quantize_and_gate(cfg: DictConfig, fp32: Path, net: Net | None) -> dict[str,
     inspection) and ``SegvocError`` says by how much it failed and what to try.
     """
     from segvoc.checkpoints.exported import OnnxNet
-    from segvoc.tasks.quantize import calibration_images, gate_table, quantize_int8, score_models
+    from segvoc.tasks.quantize import calibration_images, gate_table, quantize_as_configured, score_models
 
     fp32_net = OnnxNet(fp32)
     meta = fp32_net.meta
@@ -284,13 +284,10 @@ def quantize_and_gate(cfg: DictConfig, fp32: Path, net: Net | None) -> dict[str,
             datamodule.voc, datamodule.train_split, int(calib.num_images), meta["mean"], meta["std"],
             seed=int(cfg.seed), mask_dir=datamodule.mask_dir,
         )  # fmt: skip
-        quantize_int8(
-            fp32, pending, images, method=str(calib.method), exclude=list(calib.exclude),
-            percentile=float(calib.percentile), per_channel=bool(calib.per_channel),
-        )  # fmt: skip
+        quantize_as_configured(fp32, pending, images, calib)
         log.info(
-            "Quantised %s to int8 (%s calibration on %d %s images, fp32 modules: %s) in %.1f s",
-            fp32, calib.method, len(images), datamodule.train_split, list(calib.exclude) or "none",
+            "Quantised %s to int8 (%s activations, %s calibration on %d %s images, fp32 modules: %s) in %.1f s",
+            fp32, calib.activations, calib.method, len(images), datamodule.train_split, list(calib.exclude) or "none",
             time.perf_counter() - start,
         )  # fmt: skip
         nets["int8"] = OnnxNet(pending)

@@ -1,7 +1,8 @@
 """int8 post-training quantisation of an exported fp32 ONNX model, and the accuracy gate that scores it.
 
-``quantize_int8`` runs ONNX Runtime's static quantisation: QDQ format, per-channel int8 weights, int8 activations
-whose ranges are calibrated on normalised training images (``calibration_images``: the validation transform,
+``quantize_int8`` runs ONNX Runtime's static quantisation: QDQ format, per-channel int8 weights, 8-bit activations
+(unsigned by default: ONNX Runtime's x86 kernels multiply uint8 activations by int8 weights natively) whose ranges
+are calibrated on normalised training images (``calibration_images``: the validation transform,
 whole images). Nodes of the modules named in ``exclude`` (module paths such as ``head.classifier``, which the
 exporter records in each node's ``pkg.torch.onnx.name_scopes``) stay fp32. The int8 file carries the fp32 file's
 segvoc meta, so ``segvoc.checkpoints.load.load_predictor`` and ``predict.py`` read it like any other.
@@ -37,6 +38,7 @@ from segvoc.models.inference import Net, infer
 log = logging.getLogger("segvoc.tasks.quantize")
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "distribution")
+ACTIVATION_TYPES = ("uint8", "int8")
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 
 
@@ -119,13 +121,15 @@ def quantize_int8(
     exclude: Sequence[str] = (),
     percentile: float = 99.999,
     per_channel: bool = True,
+    activations: str = "uint8",
 ) -> Path:
     """Write the int8 QDQ quantisation of the ONNX model ``fp32_path`` to ``output`` and return ``output``.
 
     Activations are calibrated on ``images`` (normalised ``(1, 3, H, W)`` float32 arrays) with ``method``
     (``minmax``, ``entropy``, ``percentile`` at ``percentile``, ``distribution``; the histogram methods, all but
     ``minmax``, see the central crop of the size all images share); weights are int8, per output
-    channel with ``per_channel``; the nodes of the modules in ``exclude`` stay fp32. The segvoc meta of
+    channel with ``per_channel``; activations ``uint8`` or ``int8`` (``ACTIVATION_TYPES``); the nodes of the modules
+    in ``exclude`` stay fp32. The segvoc meta of
     ``fp32_path`` is copied over. The file is written under a temporary name and renamed at the end, so an
     interrupted quantisation leaves no file at ``output``.
     """
@@ -136,6 +140,10 @@ def quantize_int8(
 
     if method not in CALIBRATION_METHODS:
         raise SegvocError(f"calibration.method={method} is not known; use one of {', '.join(CALIBRATION_METHODS)}.")
+    if activations not in ACTIVATION_TYPES:
+        raise SegvocError(
+            f"calibration.activations={activations} is not known; use one of {', '.join(ACTIVATION_TYPES)}."
+        )
     fp32_path, output = Path(fp32_path), Path(output)
     model = onnx.load(str(fp32_path))
     meta = {p.key: p.value for p in model.metadata_props}
@@ -159,7 +167,7 @@ def quantize_int8(
             _Reader(images, input_name),
             quant_format=QuantFormat.QDQ,
             per_channel=per_channel,
-            activation_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=nodes,
             calibrate_method=getattr(CalibrationMethod, {"minmax": "MinMax"}.get(method, method.capitalize())),
@@ -169,7 +177,7 @@ def quantize_int8(
         quantized.ClearField("metadata_props")
         onnx.helper.set_model_props(quantized, {**meta, "segvoc_quantization": json.dumps(
             {"method": method, "exclude": list(exclude), "calibration_images": len(images),
-             "per_channel": per_channel, "onnxruntime": ort.__version__}
+             "per_channel": per_channel, "activations": activations, "onnxruntime": ort.__version__}
         )})  # fmt: skip
         onnx.save(quantized, str(temp))
         temp.replace(output)
@@ -179,6 +187,18 @@ def quantize_int8(
     if META_KEY not in meta:
         log.warning("%s has no segvoc meta; %s cannot be predicted with or scored", fp32_path, output)
     return output
+
+
+def quantize_as_configured(
+    fp32_path: str | Path, output: str | Path, images: Sequence[np.ndarray], calibration: Mapping[str, Any]
+) -> Path:
+    """``quantize_int8`` with the settings of a ``calibration`` block of conf/export.yaml (method, exclude,
+    percentile, per_channel, activations): what the export command and ``segvoc.bench`` both run."""
+    return quantize_int8(
+        fp32_path, output, images, method=str(calibration["method"]), exclude=list(calibration["exclude"]),
+        percentile=float(calibration["percentile"]), per_channel=bool(calibration["per_channel"]),
+        activations=str(calibration.get("activations", "uint8")),
+    )  # fmt: skip
 
 
 @dataclass
