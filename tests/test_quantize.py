@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import pytest
 from PIL import Image
 
@@ -58,8 +59,16 @@ def test_int8_model_is_written_with_the_meta_and_quantised_weights(exported: dic
     ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert int8.stat().st_size <= 0.3 * fp32.stat().st_size
-    # the default: uint8 activations (the fast x86 path), int8 weights
+    # the default: uint8 activations (the fast x86 path), int8 weights in 7 bits (reduce_range)
     assert quantized_types(int8) == ({onnx.TensorProto.UINT8}, {onnx.TensorProto.INT8})
+    assert largest_weight(int8) <= 64
+
+
+def largest_weight(path: Path) -> int:
+    """The largest |value| of the int8 conv weights of a QDQ model: at most 64 with 7-bit weights."""
+    initializers = onnx.load(str(path)).graph.initializer
+    weights = [t for t in initializers if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    return max(int(np.abs(onnx.numpy_helper.to_array(t).astype(np.int32)).max()) for t in weights)
 
 
 def quantized_types(path: Path) -> tuple[set[int], set[int]]:
@@ -115,10 +124,11 @@ def test_excluded_modules_stay_fp32(exported: dict[str, Path], voc_root: Path, t
         export_config(
             exported["onnx"], voc_root, "quantize=int8", f"int8_output={target}",
             "calibration.exclude=[head.classifier]", "calibration.method=percentile", "gate.max_images=1",
-            "calibration.activations=int8",
+            "calibration.activations=int8", "calibration.reduce_range=false",
         )
     )  # fmt: skip
     assert quantized_types(target) == ({onnx.TensorProto.INT8}, {onnx.TensorProto.INT8})
+    assert largest_weight(target) > 64  # full 8-bit weights
     graph = onnx.load(str(target)).graph
     dequantized = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
     convs = {node.input[1]: node for node in graph.node if node.op_type == "Conv"}

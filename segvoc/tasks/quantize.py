@@ -122,16 +122,17 @@ def quantize_int8(
     percentile: float = 99.999,
     per_channel: bool = True,
     activations: str = "uint8",
+    reduce_range: bool = True,
 ) -> Path:
     """Write the int8 QDQ quantisation of the ONNX model ``fp32_path`` to ``output`` and return ``output``.
 
     Activations are calibrated on ``images`` (normalised ``(1, 3, H, W)`` float32 arrays) with ``method``
     (``minmax``, ``entropy``, ``percentile`` at ``percentile``, ``distribution``; the histogram methods, all but
     ``minmax``, see the central crop of the size all images share); weights are int8, per output
-    channel with ``per_channel``; activations ``uint8`` or ``int8`` (``ACTIVATION_TYPES``); the nodes of the modules
-    in ``exclude`` stay fp32. The segvoc meta of
-    ``fp32_path`` is copied over. The file is written under a temporary name and renamed at the end, so an
-    interrupted quantisation leaves no file at ``output``.
+    channel with ``per_channel`` and 7-bit with ``reduce_range`` (no int16 overflow in x86 kernels without VNNI);
+    activations ``uint8`` or ``int8`` (``ACTIVATION_TYPES``); the nodes of the modules in ``exclude`` stay fp32. The
+    segvoc meta of ``fp32_path`` is copied over. The file is written under a temporary name and renamed at the end,
+    so an interrupted quantisation leaves no file at ``output``.
     """
     import onnx
 
@@ -167,6 +168,7 @@ def quantize_int8(
             _Reader(images, input_name),
             quant_format=QuantFormat.QDQ,
             per_channel=per_channel,
+            reduce_range=reduce_range,
             activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=nodes,
@@ -177,7 +179,8 @@ def quantize_int8(
         quantized.ClearField("metadata_props")
         onnx.helper.set_model_props(quantized, {**meta, "segvoc_quantization": json.dumps(
             {"method": method, "exclude": list(exclude), "calibration_images": len(images),
-             "per_channel": per_channel, "activations": activations, "onnxruntime": ort.__version__}
+             "per_channel": per_channel, "activations": activations,
+             "reduce_range": reduce_range, "onnxruntime": ort.__version__}
         )})  # fmt: skip
         onnx.save(quantized, str(temp))
         temp.replace(output)
@@ -193,11 +196,12 @@ def quantize_as_configured(
     fp32_path: str | Path, output: str | Path, images: Sequence[np.ndarray], calibration: Mapping[str, Any]
 ) -> Path:
     """``quantize_int8`` with the settings of a ``calibration`` block of conf/export.yaml (method, exclude,
-    percentile, per_channel, activations): what the export command and ``segvoc.bench`` both run."""
+    percentile, per_channel, activations, reduce_range): what the export command and ``segvoc.bench`` both run."""
     return quantize_int8(
         fp32_path, output, images, method=str(calibration["method"]), exclude=list(calibration["exclude"]),
         percentile=float(calibration["percentile"]), per_channel=bool(calibration["per_channel"]),
         activations=str(calibration.get("activations", "uint8")),
+        reduce_range=bool(calibration.get("reduce_range", True)),
     )  # fmt: skip
 
 
