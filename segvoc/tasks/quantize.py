@@ -200,8 +200,7 @@ def quantize_as_configured(
     return quantize_int8(
         fp32_path, output, images, method=str(calibration["method"]), exclude=list(calibration["exclude"]),
         percentile=float(calibration["percentile"]), per_channel=bool(calibration["per_channel"]),
-        activations=str(calibration.get("activations", "uint8")),
-        reduce_range=bool(calibration.get("reduce_range", True)),
+        activations=str(calibration["activations"]), reduce_range=bool(calibration["reduce_range"]),
     )  # fmt: skip
 
 
