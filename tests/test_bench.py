@@ -71,6 +71,7 @@ def test_short_cpu_run_records_every_figure(tmp_path: Path, monkeypatch: pytest.
         "JPEG decode alone, one process on one core": "images/s",
         "JPEG decode + mask read, one process on one core": "images/s",
         "decode + train augmentation, one process on one core": "images/s",
+        "decode + train augmentation / decode + mask read, one process": "x",
         "decode + train augmentation, DataLoader with 1 worker": "images/s",
         f"decode + train augmentation, DataLoader with {workers} workers (one per core)": "images/s",
         **{f"Lightning fit, {label}": "images/s" for label in grid},
@@ -92,6 +93,15 @@ def test_short_cpu_run_records_every_figure(tmp_path: Path, monkeypatch: pytest.
         if unit != "%":  # an overhead may come out below zero: the loops differ by less than the noise
             assert result["value"] > 0, name
         assert result["host_peak_mib"] is None or result["host_peak_mib"] > 0, name
+    # the three in-process figures are timed in turns over the same items, and their ratio is theirs
+    whole, decode = (
+        results[f"{name}, one process on one core"]
+        for name in ("decode + train augmentation", "JPEG decode + mask read")
+    )
+    assert whole["settings"]["images"] == decode["settings"]["images"] == TINY.data_items
+    assert whole["settings"]["interleaved_in_blocks_of"] > 0
+    ratio = results["decode + train augmentation / decode + mask read, one process"]["value"]
+    assert ratio == pytest.approx(whole["value"] / decode["value"])
     assert results["trainer.validate, whole images"]["settings"]["image_sizes"] == [[72, 96], [96, 72]]
     assert results["Lightning fit, 32-true channels_last=on compile=off"]["settings"]["channels_last"] is True
     skipped = {(s["section"], s["what"]) for s in document["skipped"]}

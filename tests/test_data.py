@@ -67,31 +67,39 @@ def test_padding_fills_the_mask_with_255_and_the_image_with_0() -> None:
     assert (img[~padded].max(axis=1) > 20).all()
 
 
-@pytest.mark.parametrize("scale", [0.6, 1.0, 1.7])
-def test_random_scale_crop_equals_resize_pad_crop(scale: float) -> None:
-    """The one-warp transform matches resize, centred pad and a crop (up to rounding of the fixed-point warp)."""
+@pytest.mark.parametrize(
+    ("scale", "crop", "flip"),
+    [(0.6, 64, False), (1.0, 64, False), (1.7, 64, True), (2.0, 64, False), (1.2, 128, False), (1.37, 128, True)],
+)
+def test_random_scale_crop_equals_resize_pad_crop(scale: float, crop: int, flip: bool) -> None:
+    """The one-warp transform matches resize, centred pad, a crop and a flip (up to rounding of the fixed-point
+    warp), also where an upscaled image is smaller than the crop: its edge pixels are the image's, not blended with
+    the padding (scales 1.2 and 1.37 at crop 128)."""
     image, mask = blocky_pair(np.random.default_rng(4), 75, 100)
-    transform = A.Compose([RandomScaleCrop(64, (scale, scale), flip_p=0.0)], strict=True)
+    image = cv2.GaussianBlur(image, (0, 0), 1.5)  # smooth: a half-pixel shift would show as more than 1 grey level
+    transform = A.Compose([RandomScaleCrop(crop, (scale, scale), flip_p=float(flip))], strict=True)
     transform.set_random_seed(5)
     out = transform(image=image, mask=mask)
     height, width = int(75 * scale + 0.5), int(100 * scale + 0.5)
     resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
     # pixel-centre nearest neighbour (plain INTER_NEAREST of cv2.resize is shifted by half a source pixel)
     resized_mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
-    pad_h, pad_w = max(64 - height, 0), max(64 - width, 0)  # centred, as PadIfNeeded does
+    pad_h, pad_w = max(crop - height, 0), max(crop - width, 0)  # centred, as PadIfNeeded does
     border = (pad_h // 2, pad_h - pad_h // 2, pad_w // 2, pad_w - pad_w // 2)
     resized = cv2.copyMakeBorder(resized, *border, cv2.BORDER_CONSTANT, value=(0, 0, 0))
     resized_mask = cv2.copyMakeBorder(resized_mask, *border, cv2.BORDER_CONSTANT, value=255)
+    if flip:
+        resized, resized_mask = resized[:, ::-1], resized_mask[:, ::-1]
     height, width = resized_mask.shape
     matches = [
         (top, left)
-        for top in range(height - 63)
-        for left in range(width - 63)
-        if np.abs(resized[top : top + 64, left : left + 64].astype(int) - out["image"]).max() <= 1
+        for top in range(height - crop + 1)
+        for left in range(width - crop + 1)
+        if np.abs(resized[top : top + crop, left : left + crop].astype(int) - out["image"]).max() <= 1
     ]
     assert matches, "the crop is not a window of the resized image"
     top, left = matches[0]
-    assert (resized_mask[top : top + 64, left : left + 64] == out["mask"]).mean() > 0.99
+    assert np.array_equal(resized_mask[top : top + crop, left : left + crop], out["mask"])
 
 
 def test_random_scale_crop_flip_mirrors_image_and_mask() -> None:
@@ -102,9 +110,9 @@ def test_random_scale_crop_flip_mirrors_image_and_mask() -> None:
 
 def test_normalize_matches_the_float_formula() -> None:
     images = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
-    expected = (images.float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
-        IMAGENET_STD
-    ).view(1, 3, 1, 1)
+    expected = (images.float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
+        1, 3, 1, 1
+    )
     assert torch.allclose(normalize(images, IMAGENET_MEAN, IMAGENET_STD), expected, atol=1e-6)
     assert normalize(expected, IMAGENET_MEAN, IMAGENET_STD) is expected
 

@@ -7,7 +7,6 @@ on. What a figure times and how to read it: BENCHMARKS.md."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import io
 import logging
@@ -68,29 +67,41 @@ def image_sizes(paths: Sequence[Path]) -> list[list[int]]:
 
 # ----------------------------------------------------------------------------------------------------------- data
 def decode_in_process(
-    dataset: Any, count: int, read: Callable[[Any, int], object] | None = None
-) -> tuple[float, float, dict[str, Any]]:
-    """``count`` items of the training ``dataset`` in this process with OpenCV on one thread: ``(images/s, seconds,
-    extra)``. ``read(dataset, i)`` is what is timed per item (default: ``dataset[i]``, the whole training sample).
-    Untimed first: every file the run reads, once (so that each figure, whichever is measured first, reads from the
-    file cache, not the disk), and 2 items. OpenCV's thread count is restored afterwards."""
+    dataset: Any, count: int, readers: dict[str, Callable[[Any, int], object]], block: int = 8
+) -> dict[str, tuple[float, float, dict[str, Any]]]:
+    """Each of ``readers`` (``read(dataset, i)``) over the same ``count`` items of the training ``dataset``, in this
+    process with OpenCV on one thread: ``{name: (images/s, seconds, extra)}``.
+
+    The readers take turns, ``block`` items each, so that a machine whose speed drifts during the run (a shared VM)
+    slows every figure alike: they are read as ratios of one another. Untimed first: every file the run reads, once
+    (the figures read from the file cache, not the disk), and 2 items per reader. OpenCV's thread count is restored
+    afterwards."""
     warmup, length = 2, len(dataset.ids)
-    read = read or (lambda data, i: data[i])
+    seconds = dict.fromkeys(readers, 0.0)
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)  # one core: OpenCV's own thread pool off (set here, in the main process only)
     try:
         for i in range(min(length, warmup + count)):
             for path in dataset.paths(i):
                 path.read_bytes()
-        for i in range(warmup):
-            read(dataset, i % length)
-        start = time.perf_counter()
-        for i in range(warmup, warmup + count):
-            read(dataset, i % length)
-        seconds = time.perf_counter() - start
+        for read in readers.values():
+            for i in range(warmup):
+                read(dataset, i % length)
+        for first in range(warmup, warmup + count, block):
+            items = range(first, min(first + block, warmup + count))
+            for name, read in readers.items():
+                start = time.perf_counter()
+                for i in items:
+                    read(dataset, i % length)
+                seconds[name] += time.perf_counter() - start
     finally:
         cv2.setNumThreads(threads)
-    return count / seconds, seconds, {"images": count, "opencv_threads": 1}
+    extra = {"images": count, "opencv_threads": 1, "interleaved_in_blocks_of": block}
+    return {name: (count / seconds[name], seconds[name], extra) for name in readers}
+
+
+def read_sample(dataset: Any, index: int) -> object:
+    return dataset[index]
 
 
 def read_image_only(dataset: Any, index: int) -> object:
@@ -140,8 +151,9 @@ def decode_through_loader(
 
 
 def measure_data(bench: Bench) -> None:
-    """Decode + train augmentation: the training dataset in this process on one core, then the training
-    DataLoader as the data module builds it, with one worker and with one worker per core."""
+    """Decode + train augmentation: the training dataset in this process on one core, timed in turns with the JPEG
+    decode alone and with decode + mask read (and their ratio), then the training DataLoader as the data module
+    builds it, with one worker and with one worker per core."""
     cfg = bench.train_config(f"data.batch_size={bench.loader_batch_size}")
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
@@ -155,23 +167,38 @@ def measure_data(bench: Bench) -> None:
     }
     sizes, batch, report = bench.sizes, bench.loader_batch_size, bench.report
     all_workers = default_num_workers() if cfg.data.num_workers is None else cfg.data.num_workers
-    figures: list[tuple[str, Measurement]] = [
-        ("one process on one core", lambda: decode_in_process(dataset, sizes.data_items)),
+    # the whole training sample, timed in turns with what it is weighed against: the decoding alone
+    in_process = {
+        "JPEG decode alone": read_image_only,
+        "JPEG decode + mask read": read_image_and_mask,
+        "decode + train augmentation": read_sample,
+    }
+    rates: dict[str, tuple[float, float, dict[str, Any]]] = {}
+
+    def timed_in_turns(name: str) -> Measurement:
+        def run() -> tuple[float, float, dict[str, Any]]:
+            if not rates:  # the first figure times all three
+                rates.update(decode_in_process(dataset, sizes.data_items, in_process))
+            return rates[name]
+
+        return run
+
+    for name in in_process:
+        report.measure("data", f"{name}, one process on one core", "images/s", timed_in_turns(name), common, False)
+    if rates:
+        whole, decode = rates["decode + train augmentation"][0], rates["JPEG decode + mask read"][0]
+        report.derive(
+            "data", "decode + train augmentation / decode + mask read, one process", whole / decode, "x",
+            common, "images/s ratio, timed in turns", on_device=False,
+        )  # fmt: skip
+    loaders: list[tuple[str, Measurement]] = [
         ("DataLoader with 1 worker", lambda: decode_through_loader(datamodule, batch, 1, sizes.data_items, 1)),
         (
             f"DataLoader with {all_workers} workers (one per core)",
             lambda: decode_through_loader(datamodule, batch, all_workers, sizes.loader_images, sizes.loader_epochs),
         ),
     ]
-    # what the augmentation is weighed against: the decoding alone, one process on one core
-    baselines = [
-        ("JPEG decode alone", read_image_only),
-        ("JPEG decode + mask read", read_image_and_mask),
-    ]
-    for name, read in baselines:
-        run = functools.partial(decode_in_process, dataset, sizes.data_items, read)
-        report.measure("data", f"{name}, one process on one core", "images/s", run, common, False)
-    for name, run in figures:
+    for name, run in loaders:
         report.measure("data", f"decode + train augmentation, {name}", "images/s", run, common, False)
 
 

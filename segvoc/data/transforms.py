@@ -41,7 +41,8 @@ class RandomScaleCrop(A.DualTransform):
     scaled by ``s ~ U(scale_range)`` (bilinear; the mask nearest-neighbour), a ``crop_size`` window is taken at a
     random integer offset of the scaled image (centred where the scaled image is smaller, the rest filled with
     ``fill`` / ``fill_mask``) and mirrored with probability ``flip_p``. Only the pixels of the crop are computed, so
-    a 2x scale-up costs no more than a scale-down.
+    a 2x scale-up costs no more than a scale-down. At the scaled image's edges the source is clamped, as
+    ``cv2.resize`` does: edge pixels are never blended with the padding.
     """
 
     _targets = (Targets.IMAGE, Targets.MASK)
@@ -76,30 +77,40 @@ class RandomScaleCrop(A.DualTransform):
         scale = self.py_random.uniform(*self.scale_range)
         crop = self.crop_size
 
-        def axis(size: int) -> tuple[float, float]:
+        def axis(size: int) -> tuple[float, float, int, int]:
+            """Factor and shift of the source-to-crop map of one axis, and the crop's range the image covers."""
             scaled = max(int(size * scale + 0.5), 1)  # the size RandomScale would produce
             offset = self.py_random.randint(0, scaled - crop) if scaled >= crop else -((crop - scaled) // 2)
             factor = scaled / size
             # pixel centres: dst = factor * (src + 0.5) - 0.5 - offset, as cv2.resize maps them
-            return factor, factor * 0.5 - 0.5 - offset
+            return factor, factor * 0.5 - 0.5 - offset, max(-offset, 0), min(scaled - offset, crop)
 
-        fy, by = axis(height)
-        fx, bx = axis(width)
+        fy, by, top, bottom = axis(height)
+        fx, bx, left, right = axis(width)
         if self.py_random.random() < self.flip_p:
-            fx, bx = -fx, crop - 1 - bx
-        return {"matrix": np.array([[fx, 0.0, bx], [0.0, fy, by]], dtype=np.float64)}
+            fx, bx, left, right = -fx, crop - 1 - bx, crop - right, crop - left
+        matrix = np.array([[fx, 0.0, bx], [0.0, fy, by]], dtype=np.float64)
+        return {"matrix": matrix, "box": (top, bottom, left, right)}
 
-    def apply(self, img: np.ndarray, matrix: np.ndarray, **params: Any) -> np.ndarray:
+    def _warp(
+        self, array: np.ndarray, matrix: np.ndarray, box: tuple[int, int, int, int], flags: int, fill: float
+    ) -> np.ndarray:
+        """The whole crop is warped with the source clamped at its edges, then the padding outside ``box`` (the
+        rectangle the scaled image covers) is filled: one output array, as cheap as a warp with a constant
+        border, and the edge pixels are the image's own."""
         size = (self.crop_size, self.crop_size)
-        return cv2.warpAffine(
-            img, matrix, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=(self.fill,) * 4
-        )
+        out = cv2.warpAffine(array, matrix, size, flags=flags, borderMode=cv2.BORDER_REPLICATE)
+        top, bottom, left, right = box
+        out[:top], out[bottom:], out[:, :left], out[:, right:] = fill, fill, fill, fill
+        return out
 
-    def apply_to_mask(self, mask: np.ndarray, matrix: np.ndarray, **params: Any) -> np.ndarray:
-        size = (self.crop_size, self.crop_size)
-        return cv2.warpAffine(
-            mask, matrix, size, flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=self.fill_mask
-        )
+    def apply(self, img: np.ndarray, matrix: np.ndarray, box: tuple[int, int, int, int], **params: Any) -> np.ndarray:
+        return self._warp(img, matrix, box, cv2.INTER_LINEAR, self.fill)
+
+    def apply_to_mask(
+        self, mask: np.ndarray, matrix: np.ndarray, box: tuple[int, int, int, int], **params: Any
+    ) -> np.ndarray:
+        return self._warp(mask, matrix, box, cv2.INTER_NEAREST, self.fill_mask)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("crop_size", "scale_range", "flip_p", "fill", "fill_mask")
