@@ -13,6 +13,7 @@ import torch
 
 import segvoc.tasks.export
 from segvoc.bench.__main__ import main, parse_args
+from segvoc.bench.deploy import latencies
 from segvoc.bench.sections import SECTIONS
 from segvoc.checkpoints.exported import OnnxNet
 from segvoc.data.datamodule import default_num_workers
@@ -22,6 +23,25 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 RUNTIMES = ("PyTorch eager fp32", "PyTorch bf16 autocast + channels_last", "ONNX Runtime fp32", "ONNX Runtime int8")
+
+
+def test_latencies_take_turns_and_keep_the_others_when_one_fails() -> None:
+    """The runtimes are timed in turns, a block of calls each (a drifting machine slows them alike); one that fails
+    in its warm-up is reported with its exception and left out of the rounds."""
+    calls: list[str] = []
+
+    def broken() -> None:
+        calls.append("broken")
+        raise RuntimeError("no such provider")
+
+    forwards = {"a": lambda: calls.append("a"), "broken": broken, "b": lambda: calls.append("b")}
+    figures = latencies(forwards, runs=5, warmup=2, block=3)
+    # warm-up; then blocks of 3 timed calls (the last one shorter), each after one untimed call
+    assert calls == ["a", "a", "broken", "b", "b"] + ["a"] * 4 + ["b"] * 4 + ["a"] * 3 + ["b"] * 3
+    assert isinstance(figures["broken"], RuntimeError)
+    for name in ("a", "b"):
+        median, p95, seconds = figures[name]
+        assert 0 <= median <= p95 and seconds >= 0
 
 
 def test_deploy_runs_only_when_asked_for() -> None:

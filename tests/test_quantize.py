@@ -62,6 +62,14 @@ def test_int8_model_is_written_with_the_meta_and_quantised_weights(exported: dic
     # the default: uint8 activations (the fast x86 path), int8 weights in 7 bits (reduce_range)
     assert quantized_types(int8) == ({onnx.TensorProto.UINT8}, {onnx.TensorProto.INT8})
     assert largest_weight(int8) <= 64
+    # every module quantised, the classifier too; the upsampling that writes the logits stays fp32 (no quantise /
+    # dequantise pair around the full-size output)
+    graph = onnx.load(str(int8)).graph
+    (writer,) = [node for node in graph.node if node.output[0] == graph.output[0].name]
+    assert writer.op_type == "Resize"
+    dequantized = {node.output[0]: node for node in graph.node if node.op_type == "DequantizeLinear"}
+    classifier = [node for node in graph.node if node.op_type == "Conv" and node.output[0] == writer.input[0]]
+    assert not classifier and writer.input[0] in dequantized  # the classifier's int8 output, dequantised
 
 
 def largest_weight(path: Path) -> int:

@@ -10,15 +10,16 @@ every core:
 - PyTorch with bf16 autocast and channels_last (the best CPU setting segvoc has);
 - ONNX Runtime fp32 and ONNX Runtime int8 (``segvoc.checkpoints.exported.OnnxNet`` on the CPU provider).
 
-A figure is the median latency in ms after warm-up runs; its note gives the 95th percentile, and each records the
-peak host memory during its runs. Then the speed-ups of int8 over the two PyTorch settings, and the file sizes.
+A figure is the median latency in ms after warm-up runs, the four runtimes taking turns in blocks of 5 calls (a
+drifting machine slows them alike; ``latencies``); its note gives the 95th percentile, and each records the peak
+host memory of one more call. Then the speed-ups of int8 over the two PyTorch settings, and the file sizes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from segvoc.bench.runner import Bench
 
 WARMUP = 3
+BLOCK = 5  # timed calls of one runtime in a row (after one untimed call), then the next runtime's
 
 
 @contextlib.contextmanager
@@ -46,17 +48,39 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def latency(forward: Callable[[], Any], runs: int, warmup: int = WARMUP) -> tuple[float, float, float]:
-    """``(median ms, p95 ms, timed seconds)`` of ``runs`` calls of ``forward`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        forward()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        forward()
-        times.append(time.perf_counter() - start)
-    ms = np.asarray(times) * 1000
-    return float(np.median(ms)), float(np.percentile(ms, 95)), float(sum(times))
+def latencies(
+    forwards: Mapping[str, Callable[[], Any]], runs: int, warmup: int = WARMUP, block: int = BLOCK
+) -> dict[str, tuple[float, float, float] | Exception]:
+    """``{name: (median ms, p95 ms, timed seconds)}`` of ``runs`` calls of each of ``forwards``, after ``warmup``
+    untimed calls each. The forwards take turns in blocks of ``block`` timed calls, each block after one untimed
+    call, so that a machine whose speed drifts during the run (a shared VM) slows them alike (they are compared as
+    ratios), while the thread pool of the runtime before (OpenMP's, ONNX Runtime's) has stopped spinning on the
+    cores before a call is timed. A forward that raises during its warm-up is left out, and its exception is its
+    entry."""
+    timed: dict[str, list[float]] = {}
+    failed: dict[str, Exception] = {}
+    for name, forward in forwards.items():
+        try:
+            for _ in range(warmup):
+                forward()
+            timed[name] = []
+        except Exception as exc:  # noqa: BLE001 - one runtime that cannot run must not lose the others' figures
+            failed[name] = exc
+    for first in range(0, runs, block):
+        for name, times in timed.items():
+            forwards[name]()
+            for _ in range(min(block, runs - first)):
+                start = time.perf_counter()
+                forwards[name]()
+                times.append(time.perf_counter() - start)
+    figures: dict[str, tuple[float, float, float] | Exception] = {}
+    for name in forwards:
+        if name in failed:
+            figures[name] = failed[name]
+            continue
+        ms = np.asarray(timed[name]) * 1000
+        figures[name] = (float(np.median(ms)), float(np.percentile(ms, 95)), float(sum(timed[name])))
+    return figures
 
 
 def eager(net: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
@@ -71,15 +95,24 @@ def bf16_channels_last(net: torch.nn.Module, image: torch.Tensor) -> torch.Tenso
         return net(image)
 
 
-def time_runtime(
-    bench: Bench, name: str, forward: Callable[[], Any], threads: int, runs: int, settings: dict[str, Any]
+def record_latency(
+    bench: Bench,
+    name: str,
+    forward: Callable[[], Any],
+    figure: tuple[float, float, float] | Exception,
+    threads: int,
+    settings: dict[str, Any],
 ) -> float | None:
-    """Record the median latency of ``forward`` with ``threads`` torch threads as the figure ``name`` (p95 in its
-    note and settings, peak host memory with it); return the median, None when it failed."""
+    """Record ``figure`` (from ``latencies``) as the median latency ``name``, p95 in its note and settings; the
+    peak host memory recorded with it is that of one more call of ``forward`` with ``threads`` torch threads.
+    Return the median, None when the runtime failed."""
 
     def run() -> tuple[float, float, dict[str, Any]]:
+        if isinstance(figure, Exception):
+            raise figure
         with torch_threads(threads):
-            median, p95, seconds = latency(forward, runs)
+            forward()
+        median, p95, seconds = figure
         return median, seconds, {"p95_ms": round(p95, 2)}
 
     result = bench.report.measure("deploy", name, "ms", run, settings, on_device=False, note="median")
@@ -137,9 +170,13 @@ def measure_deploy(bench: Bench) -> None:
                 "ONNX Runtime fp32": partial(onnx["fp32 ONNX"], image),
                 "ONNX Runtime int8": partial(onnx["int8 ONNX"], image),
             }
-            settings = {"input": [1, 3, h, w], "threads": threads, "runs": runs, "warmup": WARMUP}
+            settings = {"input": [1, 3, h, w], "threads": threads, "runs": runs, "warmup": WARMUP, "interleaved": True}
+            with torch_threads(threads):
+                figures = latencies(runtimes, runs)
             medians = {
-                name: time_runtime(bench, f"{name}, {label}, {threads} thread(s)", forward, threads, runs, settings)
+                name: record_latency(
+                    bench, f"{name}, {label}, {threads} thread(s)", forward, figures[name], threads, settings
+                )
                 for name, forward in runtimes.items()
             }
             int8 = medians["ONNX Runtime int8"]

@@ -86,6 +86,15 @@ def excluded_nodes(model: Any, modules: Sequence[str]) -> list[str]:
     return sorted({node for nodes in found.values() for node in nodes})
 
 
+def output_nodes(model: Any) -> list[str]:
+    """Names of the nodes of the ONNX ``model`` that write its outputs (the upsampling of the logits to the input
+    size). They stay fp32: quantising them would wrap the full-size logits, 21 x H x W floats, in a quantise /
+    dequantise pair, rounding the output the argmax is taken of, and costs more than the int8 op saves (measured:
+    BENCHMARKS.md, deployment)."""
+    outputs = {output.name for output in model.graph.output}
+    return [node.name for node in model.graph.node if outputs.intersection(node.output)]
+
+
 class _DropMessage(logging.Filter):
     """Drop log records whose message starts with ``prefix``."""
 
@@ -148,7 +157,7 @@ def quantize_int8(
     fp32_path, output = Path(fp32_path), Path(output)
     model = onnx.load(str(fp32_path))
     meta = {p.key: p.value for p in model.metadata_props}
-    nodes = excluded_nodes(model, list(exclude))
+    nodes = excluded_nodes(model, list(exclude)) + output_nodes(model)
     input_name = model.graph.input[0].name
     options: dict[str, Any] = {}
     if method == "percentile":
