@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from unittest import mock
 
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader
 from segvoc.bench.__main__ import main, parse_args
 from segvoc.bench.report import Report, device_label
 from segvoc.bench.runner import SIZES, Bench, Sizes, write_bench_tree
-from segvoc.bench.sections import SECTIONS
+from segvoc.bench.sections import SECTIONS, measure_data
 from segvoc.bench.workloads import (
     FixedSamples,
     TrainSetting,
@@ -107,6 +108,27 @@ def test_short_cpu_run_records_every_figure(tmp_path: Path, monkeypatch: pytest.
     skipped = {(s["section"], s["what"]) for s in document["skipped"]}
     assert skipped == {("train", "compile=on"), ("memory", "peak device memory")}
     assert set(document["section_seconds"]) == set(SECTIONS)
+
+
+def test_data_section_times_a_folder_with_a_train_split_only(
+    voc_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A VOC folder with train.txt alone (as the official sample pairs come) is timed: the section reads only the
+    training split."""
+    monkeypatch.setitem(SIZES, (True, "cpu"), TINY)
+    root = tmp_path / "voc"
+    shutil.copytree(voc_root, root)
+    (root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").unlink()
+    args = parse_args(
+        ["--short", "--device", "cpu", "--data-root", str(root), "--crop-size", "65", "data.num_workers=1"]
+    )
+    bench = Bench(args, tmp_path / "work", Console(quiet=True))
+    measure_data(bench)
+    results = {r.name: r for r in bench.report.results}
+    assert not {name: r.note for name, r in results.items() if r.value is None}
+    ratio = results["decode + train augmentation / decode + mask read, one process"].value
+    assert 0 < ratio < 1  # the whole sample costs more than its decoding
+    assert results["decode + train augmentation, one process on one core"].settings["distinct_images"] == 12
 
 
 def test_training_grid(tmp_path: Path) -> None:

@@ -123,7 +123,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--json", default=None, help="write the results to this file (rewritten as they come)")
     parser.add_argument(
-        "--data-root", default=None, help="a folder holding VOCdevkit/VOC2012 to read instead of generated images"
+        "--data-root",
+        default=None,
+        help="a folder holding VOCdevkit/VOC2012 to read instead of generated images (the data and train sections "
+        "read its train split only; val and predict need a val split too)",
     )
     parser.add_argument(
         "--val-batch-size", type=positive, default=None, help="default: the config's data.val_batch_size"

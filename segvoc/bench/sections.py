@@ -65,6 +65,11 @@ def image_sizes(paths: Sequence[Path]) -> list[list[int]]:
     return [list(size) for size in sorted(sizes)]
 
 
+# The data and train sections read the training split only: the data module's val set is pointed at it, so that a
+# folder with a train split alone (ImageSets/Segmentation/train.txt) can be timed.
+TRAIN_SPLIT_ONLY = "data.val_split=${data.train_split}"
+
+
 # ----------------------------------------------------------------------------------------------------------- data
 def decode_in_process(
     dataset: Any, count: int, readers: dict[str, Callable[[Any, int], object]], block: int = 8
@@ -154,7 +159,7 @@ def measure_data(bench: Bench) -> None:
     """Decode + train augmentation: the training dataset in this process on one core, timed in turns with the JPEG
     decode alone and with decode + mask read (and their ratio), then the training DataLoader as the data module
     builds it, with one worker and with one worker per core."""
-    cfg = bench.train_config(f"data.batch_size={bench.loader_batch_size}")
+    cfg = bench.train_config(f"data.batch_size={bench.loader_batch_size}", TRAIN_SPLIT_ONLY)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     dataset = datamodule.train_set
@@ -212,7 +217,7 @@ def measure_train(bench: Bench) -> None:
     (``measure_data`` times that)."""
     sizes, report = bench.sizes, bench.report
     warmup, steps = sizes.train_warmup, sizes.train_warmup + sizes.train_steps
-    datamodule = instantiate(bench.train_config().data)
+    datamodule = instantiate(bench.train_config(TRAIN_SPLIT_ONLY).data)
     datamodule.setup("fit")
     samples = [datamodule.train_set[i % len(datamodule.train_set)] for i in range(bench.batch_size)]
     mean, std = datamodule.mean, datamodule.std
