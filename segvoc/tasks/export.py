@@ -286,8 +286,9 @@ def quantize_and_gate(cfg: DictConfig, fp32: Path, net: Net | None) -> dict[str,
         )  # fmt: skip
         quantize_as_configured(fp32, pending, images, calib)
         log.info(
-            "Quantised %s to int8 (%s activations, %s calibration on %d %s images, fp32 modules: %s) in %.1f s",
-            fp32, calib.activations, calib.method, len(images), datamodule.train_split, list(calib.exclude) or "none",
+            "Quantised %s to int8 (%s activations, %s calibration on %d %s images, fp32: %s) in %.1f s",
+            fp32, calib.activations, calib.method, len(images), datamodule.train_split,
+            ", ".join([*calib.exclude, "the output upsampling"]),
             time.perf_counter() - start,
         )  # fmt: skip
         nets["int8"] = OnnxNet(pending)
