@@ -283,13 +283,17 @@ def test_report_keeps_the_json_whole_and_records_a_failure(tmp_path: Path) -> No
     assert [p.name for p in out.parent.iterdir()] == ["bench.json"]
 
 
-def test_user_errors_are_one_paragraph(capsys: pytest.CaptureFixture[str]) -> None:
-    """An override that does not apply fails before anything is measured, as ``error: ...`` with status 1 from the
-    command line; a bad option is argparse's usage error."""
+def test_user_errors_are_one_paragraph(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """An override that does not apply, or a --data-root without VOCdevkit/VOC2012, fails before anything is
+    measured, as ``error: ...`` with status 1 from the command line; a bad option is argparse's usage error."""
     with pytest.raises(SegvocError, match="nosuch.key"):
         main(["--device", "cpu", "--sections", "flops", "nosuch.key=1"])
     assert command(main)(["--device", "cpu", "--sections", "flops", "nosuch.key=1"]) == 1
     assert capsys.readouterr().err.startswith("error: conf/train.yaml with the overrides ['nosuch.key=1']")
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    (voc / "JPEGImages").mkdir(parents=True)
+    with pytest.raises(SegvocError, match=f"there is no VOCdevkit/VOC2012 folder in it.*, here {tmp_path}\\."):
+        main(["--device", "cpu", "--sections", "data", "--data-root", str(voc)])  # the VOC2012 folder itself
     for bad in (["--sections", "data,nope"], ["--batch-size", "0"], ["--image-size", "96"]):
         with pytest.raises(SystemExit) as exit_info:
             parse_args(bad)
