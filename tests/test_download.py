@@ -273,6 +273,17 @@ def test_existing_tree_is_used_as_is(tmp_path: Path) -> None:
     assert prepare_voc(tmp_path, download=True, url=closed_port_url()) == voc
 
 
+@pytest.mark.parametrize("given", ["VOCdevkit/VOC2012", "VOCdevkit"])
+def test_a_root_inside_the_tree_names_the_right_one_instead_of_downloading(tmp_path: Path, given: str) -> None:
+    voc = voc_dir(tmp_path)
+    for name in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / name).mkdir(parents=True)
+
+    with pytest.raises(DatasetUnavailableError, match=f"itself; .* Set data.root={tmp_path}\\.$"):
+        prepare_voc(tmp_path / given, download=True, url=closed_port_url())
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("VOC2012")) == ["VOCdevkit/VOC2012"]
+
+
 def test_incomplete_tree_in_the_way_is_reported_before_downloading(tmp_path: Path) -> None:
     (voc_dir(tmp_path) / "JPEGImages").mkdir(parents=True)
 

@@ -324,6 +324,13 @@ def prepare_voc(
     if is_voc_complete(voc):
         log.info("Using Pascal VOC2012 at %s", voc)
         return voc
+    # data.root given one or two levels too deep: without this, a download would nest a second tree inside it
+    for given, folder, meant in ((root, "VOC2012", root.parent.parent), (root / "VOC2012", "VOCdevkit", root.parent)):
+        if is_voc_complete(given):
+            raise DatasetUnavailableError(
+                f"data.root={root} is the {folder} folder itself; data.root names the folder that holds "
+                f"VOCdevkit/VOC2012. Set data.root={meant}."
+            )
 
     if tar_path is not None:
         tar = Path(tar_path)
