@@ -127,6 +127,22 @@ def test_ema_validates_checkpoints_and_resumes(make_cfg, tmp_path: Path) -> None
         assert not different, f"{key}: {len(different)} tensors differ after the resume, e.g. {different[:3]}"
 
 
+def test_ema_before_its_start_step_leaves_the_live_weights(make_cfg) -> None:
+    """model.ema.start_step beyond the run: no average exists, so validation, checkpoints and the trained module are
+    the live weights, not the initial ones the average starts as."""
+    cfg = make_cfg(
+        "trainer.max_steps=2", "trainer.val_check_interval=2", "model.ema.decay=0.9", "model.ema.start_step=50"
+    )
+    metrics = train(cfg)
+    ckpt = Path(cfg.output_dir) / "checkpoints"
+    state = torch.load(ckpt / "last.ckpt", map_location="cpu", weights_only=True)
+    assert int(state["averaging_state"]["n_averaged"]) == 0
+    assert set(state["state_dict"]) == set(state["current_model_state"])
+    assert all(torch.equal(v, state["current_model_state"][k]) for k, v in state["state_dict"].items())
+    report = evaluate(make_cfg("train=false", f"ckpt_path={ckpt / 'best.ckpt'}"))
+    assert report["mean_iou"] == pytest.approx(metrics["best/val/mIoU"], abs=1e-6)
+
+
 def test_ema_callback_checks_its_decay() -> None:
     with pytest.raises(ValueError, match="model.ema.decay"):
         EMA(decay=1.0)

@@ -15,6 +15,12 @@ average takes the live model's, as ``AveragedModel(use_buffers=False)`` and mmse
 (val mIoU 0.151 at every validation against 0.985 without EMA), while the same averaged weights with the live
 statistics predicted like the raw model.
 
+Before the first update (``start_step`` > 0) there is no average yet: Lightning's callback would validate,
+checkpoint and, if training ends that early, keep the initial weights that the average starts as. Here the live
+weights stand in until the first update: validation scores them, checkpoints carry them as ``state_dict`` (the
+averaging state, 0 updates, beside them, so a resume starts the average where it should), and a run that ends before
+``start_step`` keeps what it trained.
+
 What this subclass changes besides: the average lives on the training device from the start (Lightning's ``setup`` runs
 before the module is moved there, which would keep the average on the CPU and copy every weight to it after every
 step), and the warning about ``configure_model`` is not shown: the module's ``configure_model`` only sets the memory
@@ -24,6 +30,7 @@ format and compiles in place, it creates no layers.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import lightning as L
 import torch
@@ -43,6 +50,7 @@ class EMA(EMAWeightAveraging):
             raise ValueError(f"model.ema.decay={decay} must lie strictly between 0 and 1 (0.9999 is usual)")
         super().__init__(device=device, use_buffers=average_buffers, decay=decay, update_starting_at_step=start_step)
         self.decay = decay
+        self._swapped = False  # whether the current validation runs on the average (swapped in at its start)
 
     @property
     def state_key(self) -> str:
@@ -54,6 +62,29 @@ class EMA(EMAWeightAveraging):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*WeightAveraging callback with a model that overrides")
             super().setup(trainer, pl_module, stage)
+
+    def averaging(self) -> bool:
+        """Whether the average exists: fit has started and the weights were averaged at least once."""
+        return self._average_model is not None and int(self._average_model.n_averaged) > 0
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._swapped = self.averaging()
+        if self._swapped:
+            self._swap_models(pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._swapped:
+            self._swap_models(pl_module)
+        self._swapped = False
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.averaging():
+            super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._average_model is not None and not self.averaging():
+            checkpoint["state_dict"] = checkpoint["current_model_state"]  # no average yet: the live weights
 
     def averaged_state(self) -> dict[str, torch.Tensor]:
         """The averaged module's ``state_dict`` (keys as the module's), for tests and inspection."""
