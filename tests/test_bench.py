@@ -291,9 +291,13 @@ def test_user_errors_are_one_paragraph(capsys: pytest.CaptureFixture[str], tmp_p
     assert command(main)(["--device", "cpu", "--sections", "flops", "nosuch.key=1"]) == 1
     assert capsys.readouterr().err.startswith("error: conf/train.yaml with the overrides ['nosuch.key=1']")
     voc = tmp_path / "VOCdevkit" / "VOC2012"
-    (voc / "JPEGImages").mkdir(parents=True)
-    with pytest.raises(SegvocError, match=f"there is no VOCdevkit/VOC2012 folder in it.*, here {tmp_path}\\."):
-        main(["--device", "cpu", "--sections", "data", "--data-root", str(voc)])  # the VOC2012 folder itself
+    for name in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / name).mkdir(parents=True)
+    for given in (voc, voc.parent):  # the VOC2012 folder itself, VOCdevkit
+        with pytest.raises(SegvocError, match=f"there is no VOCdevkit/VOC2012 folder in it.*, here {tmp_path}\\."):
+            main(["--device", "cpu", "--sections", "data", "--data-root", str(given)])
+    with pytest.raises(SegvocError, match="there is no VOCdevkit/VOC2012 folder in it.*train.txt\\)\\.$"):
+        main(["--device", "cpu", "--sections", "data", "--data-root", str(tmp_path / "elsewhere")])
     for bad in (["--sections", "data,nope"], ["--batch-size", "0"], ["--image-size", "96"]):
         with pytest.raises(SystemExit) as exit_info:
             parse_args(bad)

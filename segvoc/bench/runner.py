@@ -27,7 +27,7 @@ from segvoc.bench.workloads import PRECISIONS, TrainSetting
 from segvoc.config import register_resolvers
 from segvoc.data.datamodule import default_num_workers
 from segvoc.data.demo import make_scene, write_voc_tree
-from segvoc.data.download import VOC_MEMBER
+from segvoc.data.download import VOC_MEMBER, root_too_deep
 from segvoc.errors import SegvocError
 
 log = logging.getLogger(__name__)
@@ -125,11 +125,11 @@ class Bench:
         self.image_size = args.image_size
         self._voc_root: Path | None = Path(args.data_root).expanduser() if args.data_root else None
         if self._voc_root is not None and not (self._voc_root / VOC_MEMBER).is_dir():
-            inside = (self._voc_root / "JPEGImages").is_dir()  # the VOC2012 folder itself was given
+            too_deep = root_too_deep(self._voc_root)
             raise SegvocError(
                 f"--data-root {args.data_root}: there is no {VOC_MEMBER} folder in it. Give the folder that holds "
                 f"{VOC_MEMBER} (with JPEGImages, SegmentationClass and ImageSets/Segmentation/train.txt)"
-                + (f", here {self._voc_root.parent.parent}." if inside else ".")
+                + (f", here {too_deep[1]}." if too_deep else ".")
             )
         json_path = Path(args.json) if args.json else None
         self.report = Report(console, self.device, json_path, self.header)

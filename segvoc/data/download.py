@@ -65,6 +65,16 @@ def is_voc_complete(voc: Path) -> bool:
     return not _missing_dirs(Path(voc))
 
 
+def root_too_deep(root: str | Path) -> tuple[str, Path] | None:
+    """``(folder, root meant)`` when ``root`` is itself a complete ``VOC2012`` folder or the ``VOCdevkit`` folder
+    holding one (a data root given one or two levels too deep), else None."""
+    root = Path(root)
+    for given, folder, meant in ((root, "VOC2012", root.parent.parent), (root / "VOC2012", "VOCdevkit", root.parent)):
+        if is_voc_complete(given):
+            return folder, meant
+    return None
+
+
 def md5sum(path: Path, chunk: int = 1 << 20) -> str:
     """The hex MD5 digest of the file at ``path``, read ``chunk`` bytes at a time."""
     digest = hashlib.md5(usedforsecurity=False)
@@ -324,13 +334,13 @@ def prepare_voc(
     if is_voc_complete(voc):
         log.info("Using Pascal VOC2012 at %s", voc)
         return voc
-    # data.root given one or two levels too deep: without this, a download would nest a second tree inside it
-    for given, folder, meant in ((root, "VOC2012", root.parent.parent), (root / "VOC2012", "VOCdevkit", root.parent)):
-        if is_voc_complete(given):
-            raise DatasetUnavailableError(
-                f"data.root={root} is the {folder} folder itself; data.root names the folder that holds "
-                f"VOCdevkit/VOC2012. Set data.root={meant}."
-            )
+    too_deep = root_too_deep(root)  # without this check, a download would nest a second tree inside it
+    if too_deep is not None:
+        folder, meant = too_deep
+        raise DatasetUnavailableError(
+            f"data.root={root} is the {folder} folder itself; data.root names the folder that holds "
+            f"VOCdevkit/VOC2012. Set data.root={meant}."
+        )
 
     if tar_path is not None:
         tar = Path(tar_path)
